@@ -1,0 +1,175 @@
+"""The checkpoint format: the contract between training and serving.
+
+A checkpoint is one file written with ``torch.save`` holding only plain containers, strings and tensors::
+
+    {
+        "medserve_format": "medserve.checkpoint",
+        "format_version": 1,
+        "metadata": "<JSON text of CheckpointMetadata>",
+        "state_dict": {name: tensor, ...},
+    }
+
+It is read with ``torch.load(..., weights_only=True)``, which refuses any pickle that would import or call
+code, so a crafted file cannot execute anything. The metadata is stored as JSON text (not pickled objects) and
+validated with pydantic on load. ``version`` is a SHA-256 over the weights and the metadata (minus the version
+itself): the same model always has the same version, and any change to either gives a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import platform
+import zipfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field, ValidationError
+from torch import nn
+
+from models.preprocessing import Preprocessing
+
+FORMAT_NAME = "medserve.checkpoint"
+FORMAT_VERSION = 1
+SUFFIX = ".pt"
+
+
+class CheckpointError(Exception):
+    """A file that cannot be used as a MedServe checkpoint; the message names the file."""
+
+
+class Architecture(BaseModel):
+    """Which network to build and with which constructor arguments."""
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class CheckpointMetadata(BaseModel):
+    """Everything needed to rebuild, preprocess for, and describe a trained model."""
+
+    task: Literal["segmentation", "classification"]
+    architecture: Architecture
+    classes: list[str] = Field(min_length=1)
+    preprocessing: Preprocessing
+    training: dict[str, Any] = Field(default_factory=dict, description="training arguments")
+    metrics: dict[str, Any] = Field(default_factory=dict, description="validation metrics of this checkpoint")
+    data_fingerprint: str = ""
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    versions: dict[str, str] = Field(default_factory=dict, description="library versions used to train")
+    extra: dict[str, Any] = Field(default_factory=dict, description="task-specific data, e.g. calibration")
+    version: str = Field(default="", description="content hash of weights + metadata; the model's version")
+
+
+def library_versions() -> dict[str, str]:
+    import torchvision
+
+    from models import __version__
+
+    return {
+        "medserve": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def content_hash(state_dict: dict[str, torch.Tensor], metadata: CheckpointMetadata) -> str:
+    """SHA-256 over the tensors (names, dtypes, shapes, bytes) and the metadata without its version field."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    meta = metadata.model_dump(mode="json", exclude={"version"})
+    digest.update(json.dumps(meta, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def save_checkpoint(
+    path: str | Path, model: nn.Module | dict[str, torch.Tensor], metadata: CheckpointMetadata
+) -> CheckpointMetadata:
+    """Writes weights + metadata atomically and returns the metadata with ``version`` and ``versions`` set."""
+    path = Path(path)
+    module = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    module = getattr(module, "_orig_mod", module)  # unwrap torch.compile
+    state = module.state_dict() if isinstance(module, nn.Module) else module
+    state = {k: v.detach().cpu().clone() for k, v in state.items()}
+    metadata = metadata.model_copy(update={"versions": metadata.versions or library_versions(), "version": ""})
+    metadata = metadata.model_copy(update={"version": content_hash(state, metadata)})
+    payload = {
+        "medserve_format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "metadata": metadata.model_dump_json(),
+        "state_dict": state,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return metadata
+
+
+def load_checkpoint(path: str | Path) -> tuple[CheckpointMetadata, dict[str, torch.Tensor]]:
+    """Reads a checkpoint without executing code from it.
+
+    Raises:
+        CheckpointError: the file is missing, not a checkpoint, unsafe (contains code), of a newer format
+            version, or its metadata is invalid. The message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused to load: the file contains objects other than plain data and tensors "
+            "(a pickle that could run code); only MedServe checkpoints are accepted"
+        ) from exc
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a MedServe checkpoint (unreadable: {type(exc).__name__})") from exc
+    if not isinstance(payload, dict) or payload.get("medserve_format") != FORMAT_NAME:
+        raise CheckpointError(f"{path}: not a MedServe checkpoint (no '{FORMAT_NAME}' header)")
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path}: invalid checkpoint format version {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version} is newer than this MedServe supports "
+            f"({FORMAT_VERSION}); upgrade MedServe to load it"
+        )
+    try:
+        metadata = CheckpointMetadata.model_validate_json(payload["metadata"])
+    except (KeyError, TypeError, ValidationError) as exc:
+        raise CheckpointError(f"{path}: invalid checkpoint metadata: {exc}") from exc
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: checkpoint has no valid state_dict")
+    return metadata, state
+
+
+def build_model(metadata: CheckpointMetadata) -> nn.Module:
+    """Constructs the (untrained) network the metadata describes."""
+    from models.registry import build_architecture
+
+    try:
+        return build_architecture(metadata.architecture.name, metadata.architecture.args)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot build architecture {metadata.architecture.name!r}: {exc}") from exc
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMetadata]:
+    """Loads a checkpoint and returns the model in eval mode on ``device`` with its metadata."""
+    metadata, state = load_checkpoint(path)
+    model = build_model(metadata)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the architecture: {exc}") from exc
+    return model.to(device).eval(), metadata

@@ -1,0 +1,1 @@
+"""Data, augmentation, losses, metrics, training and evaluation loops, and the `medserve` CLI."""
