@@ -100,7 +100,9 @@ def save_checkpoint(
     module = getattr(module, "_orig_mod", module)  # unwrap torch.compile
     state = module.state_dict() if isinstance(module, nn.Module) else module
     state = {k: v.detach().cpu().clone() for k, v in state.items()}
-    metadata = metadata.model_copy(update={"versions": metadata.versions or library_versions(), "version": ""})
+    metadata = metadata.model_copy(
+        update={"versions": metadata.versions or library_versions(), "version": ""}
+    )
     metadata = metadata.model_copy(update={"version": content_hash(state, metadata)})
     payload = {
         "medserve_format": FORMAT_NAME,
@@ -133,7 +135,9 @@ def load_checkpoint(path: str | Path) -> tuple[CheckpointMetadata, dict[str, tor
             "(a pickle that could run code); only MedServe checkpoints are accepted"
         ) from exc
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a MedServe checkpoint (unreadable: {type(exc).__name__})") from exc
+        raise CheckpointError(
+            f"{path}: not a MedServe checkpoint (unreadable: {type(exc).__name__})"
+        ) from exc
     if not isinstance(payload, dict) or payload.get("medserve_format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: not a MedServe checkpoint (no '{FORMAT_NAME}' header)")
     version = payload.get("format_version")

@@ -63,7 +63,7 @@ def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
     """Window start offsets covering ``length`` with windows of ``tile`` overlapping by ``overlap``."""
     if length <= tile:
         return [0]
-    stride = max(1, int(round(tile * (1.0 - overlap))))
+    stride = max(1, round(tile * (1.0 - overlap)))
     starts = list(range(0, length - tile, stride))
     starts.append(length - tile)
     return starts
@@ -93,7 +93,7 @@ class Tiling:
 
 def split_tiles(image: torch.Tensor, tile: Sequence[int], overlap: float) -> tuple[torch.Tensor, Tiling]:
     """Cuts a (C, H, W) image into (N, C, th, tw) windows; pads (replicate) when smaller than a window."""
-    c, h, w = image.shape
+    h, w = image.shape[-2:]
     th, tw = int(tile[0]), int(tile[1])
     ph, pw = max(h, th), max(w, tw)
     if (ph, pw) != (h, w):

@@ -23,10 +23,9 @@ def register_architecture(name: str, builder: Callable[..., nn.Module]) -> None:
 
 
 def build_architecture(name: str, args: dict[str, Any]) -> nn.Module:
-    if name not in _BUILDERS:
-        # Lazily import optional families so that their registration runs.
-        if name == "classifier":
-            import models.classifier  # noqa: F401
+    if name not in _BUILDERS and name == "classifier":
+        # Imported lazily: the torchvision backbones are only needed for classification checkpoints.
+        import models.classifier  # noqa: F401
     if name not in _BUILDERS:
         raise KeyError(f"unknown architecture {name!r}; known: {sorted(_BUILDERS)}")
     return _BUILDERS[name](**args)

@@ -113,9 +113,7 @@ class UNet(nn.Module):
 
         deep = max(0, len(channels) - 2)  # dropout only in the two deepest blocks, as in the paper
         self.down = nn.ModuleList(
-            DoubleConv(
-                in_channels if i == 0 else channels[i - 1], c, norm, dropout if i >= deep else 0.0
-            )
+            DoubleConv(in_channels if i == 0 else channels[i - 1], c, norm, dropout if i >= deep else 0.0)
             for i, c in enumerate(channels)
         )
         self.pool = nn.MaxPool2d(2)

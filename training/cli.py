@@ -16,7 +16,11 @@ from collections.abc import Sequence
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("train", "segment"), "training.train_segment", "train a U-Net on DIR/images + DIR/masks"),
     (("train", "classify"), "training.train_classify", "fine-tune a CNN classifier on DIR/<class>/*"),
-    (("eval", "segment"), "training.eval_segment", "evaluate a segmentation model against classical baselines"),
+    (
+        ("eval", "segment"),
+        "training.eval_segment",
+        "evaluate a segmentation model against classical baselines",
+    ),
     (("eval", "classify"), "training.eval_classify", "evaluate a classifier against classical baselines"),
     (("synth",), "training.synthetic", "generate the synthetic phantom data sets"),
     (("demo",), "training.demo", "build demo checkpoints on synthetic data if none exist"),
