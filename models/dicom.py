@@ -1,34 +1,129 @@
 """DICOM reading for the one image-reading path (``models.imageio``).
 
-Pixel pipeline, as PS3.3 C.11 / C.8 describe it:
-    stored values (BitsStored honoured, signed or unsigned) -> Modality LUT (RescaleSlope/Intercept or LUT)
-    -> VOI LUT sequence, else the first WindowCenter/WindowWidth pair (linear function, C.11.2.1.2)
-    -> scaled to [0, 1]; without any VOI information the image is min-max scaled (as 16-bit PNG/TIFF are)
-    -> MONOCHROME1 inverted so that high always means bright (MONOCHROME2 convention).
+Pixel pipeline for a single-frame 2D image, as PS3.3 C.7.6.3, C.11 describe it:
+
+1. Stored values, ``BitsStored`` honoured (pydicom masks unused high bits and sign-extends signed data).
+2. Modality LUT: ``RescaleSlope``/``RescaleIntercept`` or the Modality LUT Sequence (e.g. CT values to HU).
+3. VOI (policy ``"dicom-window"`` only): the first VOI LUT Sequence item, else the first
+   ``WindowCenter``/``WindowWidth`` pair with ``VOILUTFunction`` LINEAR (default), LINEAR_EXACT or SIGMOID
+   (PS3.3 C.11.2.1.2-3), mapped to [0, 1]. An invalid window (e.g. width 0) is ignored.
+4. Without VOI: ``v / (2**BitsStored - 1)`` when the image is unsigned, at most 8 bits and the modality LUT is the
+   identity; otherwise per-image min-max over the modality values (the same rule as 16-bit PNG/TIFF).
+5. ``MONOCHROME1`` is inverted (``1 - v``) so that high always means bright, as in ``MONOCHROME2``.
+
+Colour images (RGB, YBR_* converted to RGB by the decoder, PALETTE COLOR through its LUT) are divided by the
+largest value their bit depth allows. Compressed transfer syntaxes are decoded by pydicom's plugins (Pillow,
+pyjpegls, pylibjpeg); one no installed plugin decodes gives ``UnsupportedImageError`` naming it.
+
+Privacy: pydicom quotes tag values (patient names included) in its validation warnings, so on import this module
+withholds the text of records on the ``pydicom`` logger and silences pydicom's ``UserWarning``s.
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import warnings
+import zlib
 from typing import Any
 
 import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from models.imageio import (
+    DEFAULT_INTENSITY,
     DecodedImage,
     DicomRef,
     ImageError,
+    ImageTooLargeError,
     UnprocessableImageError,
     UnsupportedImageError,
     _check_pixels,
     _scale_to_unit,
+    resolve_intensity,
+)
+
+logger = logging.getLogger(__name__)
+
+# Non-pixel data allowed on top of the pixels when a deflated dataset is inflated (see ``_check_deflated``).
+_DEFLATE_HEADER_ALLOWANCE = 16 * 2**20
+_BYTES_PER_PIXEL_BOUND = 24  # 3 samples x 8 bytes (double float): no real pixel data is denser
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+class _WithholdMessage(logging.Filter):
+    """Replaces the text of pydicom's log records: they may quote tag values such as PatientName."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = "pydicom message withheld (it may quote DICOM tag values)"
+        record.args = None
+        return True
+
+
+# Logger filters are not inherited by child loggers, so every logger pydicom 3 creates is named.
+_PYDICOM_LOGGERS = (
+    "pydicom",
+    "pydicom.pixels.utils",
+    "pydicom.pixels.decoders.base",
+    "pydicom.pixels.encoders.base",
 )
 
 
-def _read_dataset(data: bytes, stop_before_pixels: bool = False) -> Any:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+def install_privacy_guards() -> None:
+    """Keeps pydicom's messages, which may quote tag values, out of logs and stderr (idempotent; runs on import).
 
+    Records on pydicom's loggers keep their level but their text is replaced; pydicom's ``UserWarning``s are
+    ignored. Call it again after anything that resets warning filters (e.g. pytest between tests).
+    """
+    for name in _PYDICOM_LOGGERS:
+        pydicom_logger = logging.getLogger(name)
+        if not any(isinstance(f, _WithholdMessage) for f in pydicom_logger.filters):
+            pydicom_logger.addFilter(_WithholdMessage())
+    # Static filter, installed once: ``warnings.catch_warnings`` per call would race between server threads.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+
+
+install_privacy_guards()
+
+
+def _check_deflated(data: bytes, max_pixels: int | None) -> None:
+    """Bounds the inflated size of a Deflated Explicit VR dataset before pydicom inflates it without limit."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    if max_pixels is None:
+        return
+    fp = io.BytesIO(data)
+    try:
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+    except Exception:  # let dcmread report the problem with its usual mapping
+        return
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    limit = max_pixels * _BYTES_PER_PIXEL_BOUND + _DEFLATE_HEADER_ALLOWANCE
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = len(inflater.decompress(data[fp.tell() :], limit + 1))
+    except zlib.error as exc:
+        raise ImageError("the deflated DICOM data set is corrupt") from exc
+    if inflated > limit:
+        raise ImageTooLargeError(
+            f"the deflated DICOM data set inflates to more than {limit} bytes, more than {max_pixels} pixels need"
+        )
+
+
+def _read_dataset(data: bytes, *, stop_before_pixels: bool = False, max_pixels: int | None = None) -> Dataset:
+    """Parses DICOM Part 10 bytes (pixel data kept encoded). Raises ``ImageError`` for anything else."""
+    if len(data) < 132 or data[128:132] != b"DICM":
+        raise ImageError(
+            "the data is not a DICOM Part 10 file (no 'DICM' prefix after the 128-byte preamble)"
+        )
+    _check_deflated(data, max_pixels)
     try:
         return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels, force=False)
     except InvalidDicomError as exc:
@@ -37,99 +132,242 @@ def _read_dataset(data: bytes, stop_before_pixels: bool = False) -> Any:
         raise ImageError("the DICOM file could not be parsed (corrupt or truncated)") from exc
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    ds = _read_dataset(data, stop_before_pixels=True)
+def _int(ds: Dataset, keyword: str, default: int) -> int:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
     try:
-        return int(ds.Rows), int(ds.Columns)
-    except AttributeError as exc:
-        raise ImageError("the DICOM file has no image (Rows/Columns missing)") from exc
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise ImageError(f"the DICOM attribute {keyword} is not an integer") from exc
+
+
+def _geometry(ds: Dataset, max_pixels: int | None) -> tuple[int, int]:
+    """Checks Rows/Columns, frames and samples from the header; returns (rows, columns)."""
+    if "SOPClassUID" not in ds and "Rows" not in ds:  # every IOD has a SOP class: this parsed as junk
+        raise ImageError("the data is not a valid DICOM object (no SOPClassUID)")
+    if "Rows" not in ds or "Columns" not in ds:
+        raise UnprocessableImageError("the DICOM file holds no image (no Rows/Columns)")
+    rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
+    _check_pixels(rows, cols, max_pixels)
+    frames = _int(ds, "NumberOfFrames", 1)
+    if frames > 1:
+        raise UnprocessableImageError(
+            f"multi-frame DICOM ({frames} frames, a volume or cine): only single-frame 2D images are supported; "
+            "send one frame per request"
+        )
+    samples = _int(ds, "SamplesPerPixel", 1)
+    if samples not in (1, 3):
+        raise UnprocessableImageError(f"DICOM with {samples} samples per pixel: only 1 (grey) or 3 (colour)")
+    return rows, cols
+
+
+def image_size(data: bytes, *, max_pixels: int | None = None) -> tuple[int, int]:
+    """(rows, columns) of a DICOM file from its header, without reading the pixel data.
+
+    ``max_pixels`` bounds the inflation of a deflated data set (``ImageTooLargeError``); it does not check the size.
+    """
+    ds = _read_dataset(data, stop_before_pixels=True, max_pixels=max_pixels)
+    if "Rows" not in ds or "Columns" not in ds:
+        raise ImageError("the DICOM file has no image (Rows/Columns missing)")
+    return _int(ds, "Rows", 0), _int(ds, "Columns", 0)
+
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    tsuid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if not tsuid:
+        raise ImageError("the DICOM file meta information has no TransferSyntaxUID")
+    return UID(str(tsuid))
+
+
+def _decode(ds: Dataset) -> tuple[np.ndarray, str]:
+    """Decodes the pixel data of a checked single-frame dataset; returns (array, photometric interpretation)."""
+    tsuid = _transfer_syntax(ds)
+    try:
+        decoder = get_decoder(tsuid)
+    except NotImplementedError as exc:
+        raise UnsupportedImageError(
+            f"DICOM transfer syntax {tsuid.name} ({tsuid}) is not supported: no decoder exists for it"
+        ) from exc
+    if not decoder.is_available:
+        raise UnsupportedImageError(
+            f"DICOM transfer syntax {tsuid.name} ({tsuid}) cannot be decoded: no installed plugin handles it"
+        )
+    try:
+        options: dict[str, Any] = {"as_rgb": True}  # YBR_* -> RGB
+        arr, meta = decoder.as_array(ds, index=0, **options)
+    except Exception as exc:
+        raise ImageError(
+            f"the DICOM pixel data ({tsuid.name}) could not be decoded by the installed plugins "
+            "(corrupt, or an encoding variant they do not handle)"
+        ) from exc
+    photometric = str(
+        meta.get("photometric_interpretation") or ds.get("PhotometricInterpretation", "MONOCHROME2")
+    )
+    return arr, photometric.strip().upper()
 
 
 def _first(value: Any) -> float:
     """The first of a multi-valued attribute (several windows may be given; the first is the default)."""
-    from pydicom.multival import MultiValue
-
     return float(value[0]) if isinstance(value, (MultiValue, list, tuple)) else float(value)
 
 
-def _window(values: np.ndarray, ds: Any) -> np.ndarray | None:
-    """Applies the VOI LUT or the first window; returns [0, 1] floats, or None when the file has no VOI."""
-    from pydicom.pixels import apply_voi_lut
+def apply_window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """A VOI window (PS3.3 C.11.2.1.2-3) with output range [0, 1].
 
-    has_lut = "VOILUTSequence" in ds
-    has_window = "WindowCenter" in ds and "WindowWidth" in ds
-    if not (has_lut or has_window):
-        return None
-    if has_lut:
-        out = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float32)
-        item = ds.VOILUTSequence[0]
-        bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
-        return np.clip(out / float(2**bits - 1), 0.0, 1.0)
-    c = _first(ds.WindowCenter)
-    w = _first(ds.WindowWidth)
-    if w < 1:
-        raise ImageError("the DICOM WindowWidth must be >= 1")
-    function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
-    v = values.astype(np.float64)
-    if function == "LINEAR_EXACT":
-        out = (v - c) / w + 0.5
+    Args:
+        values: modality LUT output, any shape.
+        center: WindowCenter.
+        width: WindowWidth (>= 1 for LINEAR, > 0 otherwise).
+        function: VOILUTFunction, LINEAR (the default), LINEAR_EXACT or SIGMOID.
+
+    Returns:
+        float32 array of the same shape in [0, 1].
+
+    Raises:
+        ValueError: an invalid width or an unknown function.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    function = function.strip().upper() or "LINEAR"
+    c, w = float(center), float(width)
+    if function == "LINEAR":
+        if not w >= 1.0:
+            raise ValueError(f"LINEAR window width must be >= 1, got {w}")
+        lo, hi = c - 0.5 - (w - 1.0) / 2.0, c - 0.5 + (w - 1.0) / 2.0
+        with np.errstate(divide="ignore", invalid="ignore"):  # w == 1 is a pure threshold: the ramp is unused
+            ramp = (x - (c - 0.5)) / (w - 1.0) + 0.5
+        out = np.where(x <= lo, 0.0, np.where(x > hi, 1.0, ramp))
+    elif function == "LINEAR_EXACT":
+        if not w > 0.0:
+            raise ValueError(f"LINEAR_EXACT window width must be > 0, got {w}")
+        out = np.where(x <= c - w / 2.0, 0.0, np.where(x > c + w / 2.0, 1.0, (x - c) / w + 0.5))
     elif function == "SIGMOID":
-        out = 1.0 / (1.0 + np.exp(-4.0 * (v - c) / w))
-    else:  # LINEAR, PS3.3 C.11.2.1.2.1
-        out = ((v - (c - 0.5)) / (w - 1.0)) + 0.5
+        if not w > 0.0:
+            raise ValueError(f"SIGMOID window width must be > 0, got {w}")
+        out = 1.0 / (1.0 + np.exp(np.clip(-4.0 * (x - c) / w, -700.0, 700.0)))
+    else:
+        raise ValueError(f"unknown VOILUTFunction {function!r}")
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def read_dicom(data: bytes, max_pixels: int | None = None) -> DecodedImage:
-    """Decodes a single-frame 2D DICOM image to a ``DecodedImage`` (see the module doc for the pipeline)."""
-    from pydicom.pixels import apply_modality_lut
-
-    header = _read_dataset(data, stop_before_pixels=True)
-    if "Rows" not in header or "Columns" not in header:
-        raise UnprocessableImageError("the DICOM file holds no image (no Rows/Columns)")
-    _check_pixels(int(header.Rows), int(header.Columns), max_pixels)
-    frames = int(header.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise UnprocessableImageError(f"multi-frame DICOM ({frames} frames): only single 2D images are supported")
-    ds = _read_dataset(data)
-    if "PixelData" not in ds:
-        raise UnprocessableImageError("the DICOM file holds no pixel data")
+def _voi(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str] | None:
+    """The VOI LUT or first window in [0, 1] with its name, or None when the file has no usable VOI."""
+    sequence = ds.get("VOILUTSequence")
+    if sequence:
+        item = sequence[0]
+        try:
+            entries, first_map, bits = (int(v) for v in item.LUTDescriptor)
+            entries = entries or 2**16
+            # Integer input clipped to the LUT's domain: pydicom's lookup would wrap outside uint16.
+            lut_input = np.clip(np.rint(values), first_map, first_map + entries - 1).astype(np.int64)
+            out = apply_voi(lut_input, ds, index=0).astype(np.float64)
+            return np.clip(out / float(2**bits - 1), 0.0, 1.0).astype(np.float32), "voi-lut"
+        except (AttributeError, KeyError, TypeError, ValueError, IndexError, NotImplementedError):
+            logger.warning("ignoring an unusable DICOM VOI LUT Sequence")
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is None or width is None or center == "" or width == "":
+        return None
+    function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+    if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+        logger.warning("unknown DICOM VOILUTFunction; using LINEAR as PS3.3 defines for the default")
+        function = "LINEAR"
     try:
-        stored = ds.pixel_array
-    except (NotImplementedError, RuntimeError) as exc:
-        tsuid = ds.file_meta.get("TransferSyntaxUID", "unknown")
-        name = getattr(tsuid, "name", str(tsuid))
-        raise UnsupportedImageError(
-            f"DICOM transfer syntax {name} ({tsuid}) cannot be decoded by the installed plugins"
-        ) from exc
-    except Exception as exc:
-        raise ImageError("the DICOM pixel data could not be decoded (corrupt or truncated)") from exc
-    if stored.ndim == 3 and stored.shape[-1] not in (3, 4):
-        raise UnprocessableImageError("3D DICOM volumes are not supported: send single 2D images")
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    bits = int(ds.get("BitsStored", 8) or 8)
-    if stored.ndim == 3:  # colour
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
+        return apply_window(values, _first(center), _first(width), function), f"window-{function.lower()}"
+    except (TypeError, ValueError, IndexError):
+        logger.warning("ignoring an invalid DICOM window (WindowCenter/WindowWidth)")
+        return None
 
-            stored = convert_color_space(stored, photometric, "RGB")
-        pixels = stored.astype(np.float32) / float(2**bits - 1)
-        ref = _ref(ds)
-        return DecodedImage(np.clip(pixels, 0, 1).astype(np.float32), "dicom", bits, ref)
 
-    values = apply_modality_lut(stored, ds).astype(np.float64)
-    unit = _window(values, ds)
-    if unit is None:
-        unit = _scale_to_unit(values)
+def _is_identity_modality(ds: Dataset) -> bool:
+    if ds.get("ModalityLUTSequence"):
+        return False
+    try:
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError):
+        return True
+    return slope == 1.0 and intercept == 0.0
+
+
+def _grey_to_unit(
+    stored: np.ndarray, ds: Dataset, photometric: str, intensity: str
+) -> tuple[np.ndarray, str]:
+    try:
+        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ImageError("the DICOM modality LUT (RescaleSlope/Intercept or LUT) is invalid") from exc
+    result = _voi(values, ds) if intensity == "dicom-window" else None
+    if result is None:
+        bits = _int(ds, "BitsStored", 8)
+        unsigned = _int(ds, "PixelRepresentation", 0) == 0
+        if np.issubdtype(stored.dtype, np.integer) and unsigned and bits <= 8 and _is_identity_modality(ds):
+            result = (values / float(2**bits - 1)).astype(np.float32), "bit-depth"
+        else:
+            result = _scale_to_unit(values), "min-max"
+    unit, how = result
     if photometric == "MONOCHROME1":
         unit = 1.0 - unit
-    return DecodedImage(np.ascontiguousarray(unit[:, :, None], dtype=np.float32), "dicom", bits, _ref(ds))
+    return unit, how
 
 
-def _ref(ds: Any) -> DicomRef:
+def read_dicom(
+    data: bytes, max_pixels: int | None = None, *, intensity: str = DEFAULT_INTENSITY
+) -> DecodedImage:
+    """Decodes a single-frame 2D DICOM image to a ``DecodedImage`` (pipeline in the module docstring).
+
+    Args:
+        data: DICOM Part 10 bytes.
+        max_pixels: largest allowed Rows * Columns, checked from the header before decoding; None = no limit.
+        intensity: intensity policy name (``models.imageio.INTENSITY_POLICIES``).
+
+    Returns:
+        pixels float32 (H, W, 1) for grey or (H, W, 3) for colour, in [0, 1], with the UIDs and the dataset.
+
+    Raises:
+        ImageError: not DICOM or corrupt (400); ``ImageTooLargeError`` (413); ``UnsupportedImageError`` for a
+            transfer syntax no installed plugin decodes (415); ``UnprocessableImageError`` for multi-frame,
+            volumes or files without an image (422).
+    """
+    policy = resolve_intensity(intensity)
+    ds = _read_dataset(data, max_pixels=max_pixels)
+    rows, cols = _geometry(ds, max_pixels)  # before any pixel is decoded
+    if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+        raise UnprocessableImageError("the DICOM file holds no pixel data")
+    arr, photometric = _decode(ds)
+    if arr.shape[:2] != (rows, cols) or arr.ndim not in (2, 3):
+        raise UnprocessableImageError(f"DICOM pixel data has shape {arr.shape}: only 2D images are supported")
+    bits = _int(ds, "BitsStored", 8 * arr.dtype.itemsize)
+    if arr.ndim == 2 and photometric == "PALETTE COLOR":
+        try:
+            rgb = apply_color_lut(arr, ds)
+        except Exception as exc:
+            raise ImageError("the DICOM palette colour lookup table is invalid") from exc
+        lut_bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        pixels = rgb.astype(np.float32) / float(2**lut_bits - 1)
+        how = "bit-depth"
+    elif arr.ndim == 3:
+        pixels = arr.astype(np.float32) / float(2**bits - 1)
+        how = "bit-depth"
+    else:
+        unit, how = _grey_to_unit(arr, ds, photometric, policy)
+        pixels = unit[:, :, None]
+    pixels = np.ascontiguousarray(np.clip(pixels, 0.0, 1.0), dtype=np.float32)
+    return DecodedImage(pixels, "dicom", bits, _ref(ds), normalization=how)
+
+
+def _valid_uid(ds: Dataset, keyword: str) -> str | None:
+    """The UID when present and syntactically valid (so a crafted 'UID' cannot carry other text to a client)."""
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    uid = UID(str(value).strip())
+    return str(uid) if uid and uid.is_valid else None
+
+
+def _ref(ds: Dataset) -> DicomRef:
     return DicomRef(
-        study_instance_uid=str(ds.get("StudyInstanceUID", "")) or None,
-        series_instance_uid=str(ds.get("SeriesInstanceUID", "")) or None,
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "")) or None,
+        study_instance_uid=_valid_uid(ds, "StudyInstanceUID"),
+        series_instance_uid=_valid_uid(ds, "SeriesInstanceUID"),
+        sop_instance_uid=_valid_uid(ds, "SOPInstanceUID"),
         dataset=ds,
     )

@@ -1,12 +1,19 @@
 """The one image-reading module, used by training, evaluation and the service.
 
-Every reader returns a ``DecodedImage`` whose ``pixels`` are float32 (H, W, C) in [0, 1]:
+Every reader returns a ``DecodedImage`` whose ``pixels`` are float32 (H, W, C) in [0, 1], C in {1, 3}. The
+mapping from stored sample values to [0, 1] is the *intensity policy* (``INTENSITY_POLICIES``); its name is what
+``Preprocessing.intensity`` records in a checkpoint, so serving reproduces what training saw. Both policies share
+these rules and differ only in whether a DICOM VOI window is used:
 
-* 8-bit images (PNG, JPEG, BMP, TIFF): value / 255. EXIF orientation is applied; palette, LA, RGBA and CMYK
-  are converted (alpha composited on black, so transparent areas read as background).
-* 16-bit and float images (PNG, TIFF): min-max scaled per image, at full depth - the same rule DICOM uses when it
-  carries no VOI window.
-* DICOM: see ``models.dicom``.
+* Integer samples declared with at most 8 bits (8-bit PNG/JPEG/BMP/TIFF, 1-bit images, and DICOM with
+  ``BitsStored`` <= 8, unsigned, identity modality LUT): ``value / (2**bits - 1)``, so an 8-bit DICOM and the same
+  image as 8-bit PNG read identically.
+* More than 8 bits (16-bit PNG/TIFF, 32-bit integer and float TIFF, DICOM with ``BitsStored`` > 8 or a
+  non-identity modality LUT) and no VOI window: per-image min-max, ``(v - min) / (max - min)`` (all zeros for a
+  constant image). A 16-bit PNG and the same samples as DICOM therefore read identically.
+* DICOM with a VOI LUT or window, under ``"dicom-window"`` only: the window decides (``models.dicom``).
+* Colour: 8 bits per sample / 255 (DICOM colour: / (2**BitsStored - 1)). EXIF orientation is applied; palette,
+  LA, RGBA and CMYK are converted to grey or RGB, and alpha is composited on black (transparent = background).
 
 Errors are typed so the HTTP layer can map them to status codes without inspecting messages.
 """
@@ -14,7 +21,6 @@ Errors are typed so the HTTP layer can map them to status codes without inspecti
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +28,25 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
 DICOM_SUFFIXES = (".dcm", ".dicom")
+
+DEFAULT_INTENSITY = "dicom-window"
+INTENSITY_POLICIES: dict[str, str] = {
+    "dicom-window": (
+        "<=8-bit integer samples: v/(2**bits-1); more bits: per-image min-max; DICOM: modality LUT, then the "
+        "VOI LUT or first window when present (PS3.3 C.11.2), MONOCHROME1 inverted"
+    ),
+    "ignore-window": (
+        "as dicom-window, but DICOM VOI LUTs and windows are ignored: DICOM with more than 8 bits is min-max "
+        "scaled after the modality LUT, like 16-bit PNG"
+    ),
+}
+# The free-text default that ``Preprocessing.intensity`` carried before policies had names: it described the
+# "dicom-window" pipeline, so checkpoints that record it keep that behaviour.
+_LEGACY_INTENSITY = "uint8:/255; high-bit-depth and DICOM: modality LUT, VOI window (else min-max) to [0,1]"
+
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I", "F")
 
 
 class ImageError(ValueError):
@@ -44,14 +67,23 @@ class ImageTooLargeError(ImageError):
 
 @dataclass
 class DicomRef:
-    """Identifiers of a DICOM source image that may be echoed back (never patient identifiers)."""
+    """Identifiers of a DICOM source image that may be echoed back (never patient identifiers).
+
+    Attributes:
+        study_instance_uid: StudyInstanceUID, or None when absent or not a syntactically valid UID.
+        series_instance_uid: SeriesInstanceUID, likewise.
+        sop_instance_uid: SOPInstanceUID, likewise.
+        dataset: the full pydicom ``Dataset`` (patient data included), kept only to write DICOM SEG; never log
+            or serialise it.
+    """
 
     study_instance_uid: str | None = None
     series_instance_uid: str | None = None
     sop_instance_uid: str | None = None
-    dataset: Any = field(default=None, repr=False)  # pydicom Dataset, kept for writing DICOM SEG
+    dataset: Any = field(default=None, repr=False)
 
     def uids(self) -> dict[str, str | None]:
+        """The three UIDs keyed by their DICOM keywords (values may be None)."""
         return {
             "StudyInstanceUID": self.study_instance_uid,
             "SeriesInstanceUID": self.series_instance_uid,
@@ -65,15 +97,18 @@ class DecodedImage:
 
     Attributes:
         pixels: float32 (H, W, C) in [0, 1], C in {1, 3}.
-        format: source format, e.g. ``"png"``, ``"jpeg"``, ``"dicom"``.
-        bit_depth: bits per sample of the source.
+        format: source format, e.g. ``"png"``, ``"jpeg"``, ``"tiff"``, ``"dicom"``.
+        bit_depth: bits per sample of the source (DICOM: ``BitsStored``).
         dicom: DICOM identifiers when the source was DICOM.
+        normalization: how this image's samples were mapped to [0, 1]: ``"bit-depth"``, ``"min-max"``,
+            ``"voi-lut"`` or ``"window-linear"`` / ``"window-linear_exact"`` / ``"window-sigmoid"``.
     """
 
     pixels: np.ndarray
     format: str
     bit_depth: int = 8
     dicom: DicomRef | None = None
+    normalization: str = "bit-depth"
 
     @property
     def height(self) -> int:
@@ -84,12 +119,33 @@ class DecodedImage:
         return int(self.pixels.shape[1])
 
 
+def resolve_intensity(value: str | None) -> str:
+    """Validates an intensity policy name (e.g. ``Preprocessing.intensity`` from a checkpoint).
+
+    Args:
+        value: a key of ``INTENSITY_POLICIES``; None, "" and the legacy free-text default mean the default.
+
+    Returns:
+        The policy name.
+
+    Raises:
+        ValueError: an unknown policy (e.g. a checkpoint written by a newer MedServe).
+    """
+    if value is None or value.strip() in ("", _LEGACY_INTENSITY):
+        return DEFAULT_INTENSITY
+    name = value.strip()
+    if name not in INTENSITY_POLICIES:
+        raise ValueError(f"unknown intensity policy {value!r}; known: {sorted(INTENSITY_POLICIES)}")
+    return name
+
+
 def is_dicom(data: bytes) -> bool:
     """DICOM Part 10 files carry 'DICM' after a 128-byte preamble."""
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
 def looks_like_dicom(content_type: str | None, filename: str | None) -> bool:
+    """Whether the client says the data is DICOM (content type ``application/dicom`` or a .dcm/.dicom name)."""
     ct = (content_type or "").split(";")[0].strip().lower()
     return ct == "application/dicom" or (filename or "").lower().endswith(DICOM_SUFFIXES)
 
@@ -98,49 +154,69 @@ def _check_pixels(height: int, width: int, max_pixels: int | None) -> None:
     if height <= 0 or width <= 0:
         raise ImageError(f"image has no pixels ({width}x{height})")
     if max_pixels is not None and height * width > max_pixels:
-        raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+        raise ImageTooLargeError(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
 
 
 def _scale_to_unit(arr: np.ndarray) -> np.ndarray:
-    arr = arr.astype(np.float32)
-    lo, hi = float(arr.min()), float(arr.max())
+    """Per-image min-max to [0, 1] (computed in float64; NaN/inf are treated as the minimum)."""
+    values = np.asarray(arr, dtype=np.float64)
+    finite = np.isfinite(values)
+    if not finite.all():
+        values = np.where(finite, values, np.min(values[finite]) if finite.any() else 0.0)
+    lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
-        return np.zeros_like(arr, dtype=np.float32)
-    return (arr - lo) / (hi - lo)
+        return np.zeros(values.shape, dtype=np.float32)
+    return ((values - lo) / (hi - lo)).astype(np.float32)
 
 
-def _pil_to_pixels(img: Image.Image) -> tuple[np.ndarray, int]:
+def _high_depth_bits(img: Image.Image) -> int:
+    tiff_bits = getattr(img, "tag_v2", {}).get(258) if img.format == "TIFF" else None
+    if isinstance(tiff_bits, tuple):
+        tiff_bits = tiff_bits[0]
+    if isinstance(tiff_bits, int) and tiff_bits > 8:
+        return tiff_bits
+    return 16 if img.mode.startswith("I;16") else 32
+
+
+def _pil_to_pixels(img: Image.Image) -> tuple[np.ndarray, int, str]:
+    """Converts an opened PIL image to float (H, W, C) in [0, 1]; returns (pixels, bit depth, normalization)."""
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img)
-        bits = 32 if mode in ("I", "F") else 16
-        if mode == "I" and arr.size and arr.min() >= 0 and arr.max() <= 255:
-            return arr.astype(np.float32)[:, :, None] / 255.0, 8
-        return _scale_to_unit(arr)[:, :, None], bits
-    if mode == "1":
-        img = img.convert("L")
-    elif mode == "P":
+    if mode in _HIGH_DEPTH_MODES:
+        return _scale_to_unit(np.asarray(img))[:, :, None], _high_depth_bits(img), "min-max"
+    bits = 1 if mode == "1" else 8
+    if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        mode = img.mode
-    if mode in ("LA", "RGBA", "PA"):
+    elif mode not in ("1", "L", "LA", "RGB", "RGBA", "PA"):
+        try:  # CMYK, YCbCr, RGBX, ...: PIL's own conversion (Adobe-inverted CMYK JPEGs are handled by PIL)
+            img = img.convert("RGB")
+        except ValueError as exc:
+            raise UnsupportedImageError(f"image mode {mode} cannot be converted to RGB") from exc
+    if img.mode in ("LA", "RGBA", "PA"):
         rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
-        rgb = rgba[:, :, :3] * rgba[:, :, 3:4]  # composite on black
-        if mode == "LA":
-            return rgb[:, :, :1], 8
-        return rgb, 8
-    if mode == "L":
-        return np.asarray(img, dtype=np.float32)[:, :, None] / 255.0, 8
-    if mode == "I;16S":
-        return _scale_to_unit(np.asarray(img))[:, :, None], 16
-    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0, 8
+        rgb = rgba[:, :, :3] * rgba[:, :, 3:4]  # composited on black: transparent areas read as background
+        return (rgb[:, :, :1] if img.mode == "LA" else rgb), bits, "bit-depth"
+    if img.mode in ("1", "L"):
+        return np.asarray(img.convert("L"), dtype=np.float32)[:, :, None] / 255.0, bits, "bit-depth"
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0, bits, "bit-depth"
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(height, width) from the header alone, without decoding the pixels."""
+def image_size(data: bytes, *, max_pixels: int | None = None) -> tuple[int, int]:
+    """(height, width) from the header alone, without decoding the pixels.
+
+    Args:
+        data: the encoded file.
+        max_pixels: only bounds the inflation of a deflated DICOM data set (see ``models.dicom``); the size
+            itself is returned, not checked.
+
+    Raises:
+        ImageError: the header is unreadable (``ImageTooLargeError`` for a deflated DICOM bomb).
+    """
     if is_dicom(data):
         from models import dicom
 
-        return dicom.image_size(data)
+        return dicom.image_size(data, max_pixels=max_pixels)
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.height, img.width
@@ -154,59 +230,85 @@ def read_image(
     content_type: str | None = None,
     filename: str | None = None,
     max_pixels: int | None = None,
+    intensity: str = DEFAULT_INTENSITY,
 ) -> DecodedImage:
     """Decodes image bytes (PNG, JPEG, TIFF, BMP or DICOM) to a ``DecodedImage``.
 
-    The pixel count is checked from the header before the pixels are decoded, so a decompression bomb costs
-    nothing. ``content_type``/``filename`` only matter to tell a file that claims to be DICOM but is not.
+    The format is sniffed from the bytes. The pixel count is checked from the header before the pixels are
+    decoded, so a decompression bomb costs nothing. ``content_type``/``filename`` only matter to tell a file that
+    claims to be DICOM but is not (400).
+
+    Args:
+        data: the encoded file.
+        content_type: the client's content type, if any.
+        filename: the client's file name, if any (never logged).
+        max_pixels: largest allowed height * width, or None for no limit.
+        intensity: intensity policy name (``INTENSITY_POLICIES``; see ``resolve_intensity``).
+
+    Returns:
+        The decoded image, pixels float32 (H, W, C) in [0, 1].
 
     Raises:
-        ImageError: unreadable data. Subclasses: ``ImageTooLargeError``, ``UnsupportedImageError``,
-            ``UnprocessableImageError``.
+        ImageError: unreadable data (400). Subclasses: ``ImageTooLargeError`` (413), ``UnsupportedImageError``
+            (415), ``UnprocessableImageError`` (422).
+        ValueError: an unknown intensity policy (a configuration error, not the client's).
     """
+    policy = resolve_intensity(intensity)
     if not data:
         raise ImageError("the file is empty")
     if is_dicom(data) or looks_like_dicom(content_type, filename):
         from models import dicom
 
-        return dicom.read_dicom(data, max_pixels=max_pixels)
+        return dicom.read_dicom(data, max_pixels=max_pixels, intensity=policy)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            _check_pixels(img.height, img.width, max_pixels)
-            fmt = (img.format or "unknown").lower()
-            if getattr(img, "n_frames", 1) > 1 and fmt == "tiff":
-                raise UnprocessableImageError("multi-page TIFF: only single 2D images are supported")
-            img = ImageOps.exif_transpose(img) or img
-            img.load()
-            pixels, bits = _pil_to_pixels(img)
+        # Image.open reads only the header. (No per-call warnings.catch_warnings: it swaps process-wide state and
+        # races between server threads; max_pixels is checked here, and PIL itself refuses > 2x its own limit.)
+        img: Image.Image = Image.open(io.BytesIO(data))
+        _check_pixels(img.height, img.width, max_pixels)
+        fmt = (img.format or "unknown").lower()
+        if getattr(img, "n_frames", 1) > 1 and fmt == "tiff":
+            raise UnprocessableImageError("multi-page TIFF: only single 2D images are supported")
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        pixels, bits, how = _pil_to_pixels(img)
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(str(exc)) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError("the data is not a readable image (corrupt or truncated file)") from exc
-    if pixels.shape[2] == 4:
-        pixels = pixels[:, :, :3]
-    return DecodedImage(np.ascontiguousarray(pixels, dtype=np.float32), fmt, bits)
+    return DecodedImage(np.ascontiguousarray(pixels, dtype=np.float32), fmt, bits, normalization=how)
 
 
-def read_image_file(path: str | Path, max_pixels: int | None = None) -> DecodedImage:
-    """Reads an image file from disk with ``read_image`` (the format is sniffed from the bytes)."""
+def read_image_file(
+    path: str | Path, max_pixels: int | None = None, *, intensity: str = DEFAULT_INTENSITY
+) -> DecodedImage:
+    """Reads an image file from disk with ``read_image`` (format sniffed from the bytes; .dcm names => DICOM)."""
     path = Path(path)
-    return read_image(path.read_bytes(), filename=path.name, max_pixels=max_pixels)
+    return read_image(path.read_bytes(), filename=path.name, max_pixels=max_pixels, intensity=intensity)
 
 
 def read_mask_file(path: str | Path) -> np.ndarray:
-    """Reads a label mask (PNG) as integer (H, W) without any scaling."""
-    with Image.open(path) as img:
-        if img.mode in ("RGB", "RGBA"):
-            arr = np.asarray(img.convert("L"))
-        elif img.mode == "P":
-            arr = np.asarray(img)  # palette indices are the labels
-        else:
-            arr = np.asarray(img)
+    """Reads a label mask image (PNG, TIFF, ...) as integer (H, W) labels without any scaling.
+
+    Palette images give their palette indices; 8/16-bit grey gives the stored values; RGB(A) masks must be grey
+    (R = G = B), whose value is the label; alpha is ignored.
+
+    Raises:
+        ImageError: unreadable file, or a colour mask whose channels differ (the message names the file).
+    """
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            # Grey or palette index plus alpha: the first band holds the labels.
+            arr = np.asarray(opened.getchannel(0) if opened.mode in ("LA", "PA") else opened)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"mask {path} is not a readable image") from exc
+    if arr.ndim == 3:
+        rgb = arr[:, :, :3]
+        if not (np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 0], rgb[:, :, 2])):
+            raise ImageError(f"mask {path} is a colour image; save labels as grey or palette (index) PNG")
+        arr = rgb[:, :, 0]
     if arr.ndim != 2:
         raise ImageError(f"mask {path} is not a single-channel image")
     return arr.astype(np.int64)

@@ -35,8 +35,8 @@ class Preprocessing(BaseModel):
     std: list[float] = Field(default_factory=lambda: [0.25])
     tile_overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
     intensity: str = Field(
-        default="uint8:/255; high-bit-depth and DICOM: modality LUT, VOI window (else min-max) to [0,1]",
-        description="documentation of how decoded pixels were mapped to [0, 1]",
+        default="dicom-window",
+        description="intensity policy name used to read pixels, see models.imageio.INTENSITY_POLICIES",
     )
 
     @field_validator("mean", "std")
