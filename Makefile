@@ -11,7 +11,7 @@ MODEL_DIR ?= checkpoints
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install run demo test lint typecheck unit bench clean
+.PHONY: install run demo test lint typecheck unit bench clean docker docker-cpu
 
 install: $(STAMP)
 
@@ -47,3 +47,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# Container images (needs a Docker engine; CI has none and checks the files with hadolint and structural tests).
+docker:
+	docker build -t medserve:gpu .
+
+docker-cpu:
+	docker build --build-arg VARIANT=cpu -t medserve:cpu .
