@@ -21,7 +21,6 @@ import hashlib
 import json
 import pickle
 import platform
-import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -85,7 +84,8 @@ def content_hash(state_dict: dict[str, torch.Tensor], metadata: CheckpointMetada
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        # 0-dim tensors (e.g. BatchNorm num_batches_tracked) must be flattened before a byte view.
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     meta = metadata.model_dump(mode="json", exclude={"version"})
     digest.update(json.dumps(meta, sort_keys=True).encode())
     return digest.hexdigest()[:16]
@@ -134,7 +134,9 @@ def load_checkpoint(path: str | Path) -> tuple[CheckpointMetadata, dict[str, tor
             f"{path}: refused to load: the file contains objects other than plain data and tensors "
             "(a pickle that could run code); only MedServe checkpoints are accepted"
         ) from exc
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:
+        # Arbitrary bytes make the (legacy) unpickler fail in many ways (RuntimeError, EOFError, IndexError,
+        # BadZipFile, ...); any of them means the same thing to the user.
         raise CheckpointError(
             f"{path}: not a MedServe checkpoint (unreadable: {type(exc).__name__})"
         ) from exc

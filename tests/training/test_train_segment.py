@@ -1,0 +1,207 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models.checkpoint import load_checkpoint, load_model
+from models.preprocessing import prepare
+from training import baselines
+from training import data as D
+from training.cli import build_parser
+from training.cli import main as cli_main
+from training.engine import evaluate
+from training.metrics import aggregate, score_image
+from training.synthetic import generate_dental
+from training.train_segment import run, state_path
+
+TINY = ["--img-size", "64", "--channels", "8,16,32", "--batch-size", "8", "--lr", "3e-3", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    # Tiny tensors: thread hand-off costs more than it saves, badly so on a busy shared CPU.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms")
+    generate_dental(root / "train", 16, 96, seed=0)
+    generate_dental(root / "test", 6, 96, seed=1)  # held out: never seen in training
+    return root
+
+
+def _args(argv):
+    return build_parser(argv).parse_args(argv)
+
+
+def test_short_training_beats_otsu_on_held_out_phantoms(phantoms, tmp_path):
+    out = tmp_path / "dental.pt"
+    code = cli_main(
+        [
+            "train",
+            "segment",
+            "--data",
+            str(phantoms / "train"),
+            "--out",
+            str(out),
+            "--epochs",
+            "5",
+            "--samples-per-epoch",
+            "48",
+            "--val-split",
+            "0.25",
+            *TINY,
+        ]
+    )
+    assert code == 0
+    model, meta = load_model(out)
+    test = D.load_set(phantoms / "test")
+    targets = [D.encode_mask(m, "binary") for m in test.masks]
+    unet = aggregate(
+        evaluate(
+            model,
+            [prepare(im, meta.preprocessing) for im in test.images],
+            targets,
+            2,
+            (64, 64),
+            device=torch.device("cpu"),
+        ),
+        meta.classes,
+    )
+    order = baselines.class_intensity_order(test.images, targets, 2)
+    otsu = aggregate(
+        [
+            score_image(baselines.predict("otsu", im, order), t, 2)
+            for im, t in zip(test.images, targets, strict=True)
+        ],
+        meta.classes,
+    )
+    assert unet["dice"] > otsu["dice"] + 0.05
+    assert unet["dice"] > 0.8
+
+    # The checkpoint describes itself.
+    assert meta.task == "segmentation" and meta.classes == ["background", "foreground"]
+    assert meta.architecture.name == "unet" and meta.architecture.args["channels"] == [8, 16, 32]
+    assert meta.preprocessing.img_size == (64, 64) and meta.preprocessing.resize == "tile"
+    assert 0 < meta.preprocessing.mean[0] < 1
+    assert meta.training["epochs"] == 5 and meta.training["lr"] == 3e-3
+    assert len(meta.data_fingerprint) == 16 and meta.version
+    assert meta.extra["mask_values"] == [0, 255] and len(meta.extra["split"]["val"]) == 4
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
+    best = max(history, key=lambda r: r["val_dice"])
+    assert meta.metrics["dice"] == pytest.approx(best["val_dice"]) and meta.metrics["epoch"] == best["epoch"]
+    assert {"train_loss", "val_dice", "val_iou", "val_hd95", "val_per_class_dice"} <= set(history[0])
+    assert (tmp_path / "learning_curves.png").stat().st_size > 1000
+
+
+def test_same_seed_gives_identical_weights_and_resume_continues_exactly(phantoms, tmp_path):
+    common = ["--data", str(phantoms / "train"), "--samples-per-epoch", "16", *TINY]
+    a = run(_args(["train", "segment", *common, "--out", str(tmp_path / "a" / "m.pt"), "--epochs", "2"]))
+    b = run(_args(["train", "segment", *common, "--out", str(tmp_path / "b" / "m.pt"), "--epochs", "2"]))
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    # Stopped after epoch 1 (by the time limit, like an interruption), then resumed: the same weights as the
+    # uninterrupted run.
+    first = tmp_path / "c" / "m.pt"
+    stopped = run(
+        _args(["train", "segment", *common, "--out", str(first), "--epochs", "2", "--time-limit", "1e-6"])
+    )
+    assert len(stopped.history) == 1
+    assert state_path(first).exists()
+    resumed = run(
+        _args(
+            [
+                "train",
+                "segment",
+                *common,
+                "--out",
+                str(first),
+                "--epochs",
+                "2",
+                "--resume",
+                str(state_path(first)),
+            ]
+        )
+    )
+    for (name, x), y in zip(a.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    other = run(
+        _args(
+            [
+                "train",
+                "segment",
+                *common,
+                "--out",
+                str(tmp_path / "d" / "m.pt"),
+                "--epochs",
+                "1",
+                "--seed",
+                "1",
+            ]
+        )
+    )
+    assert not torch.equal(other.model.head.weight, a.model.head.weight)
+
+
+def test_bad_options_are_clear_errors(phantoms, tmp_path, caplog):
+    base = ["train", "segment", "--data", str(phantoms / "train"), *TINY]
+    assert cli_main([*base, "--out", str(tmp_path / "model.ckpt")]) == 2
+    assert ".pt" in caplog.text
+    assert cli_main([*base, "--out", str(tmp_path / "m.pt"), "--val-split", "1.5"]) == 2
+    assert "--val-split" in caplog.text
+    assert cli_main([*base, "--out", str(tmp_path / "m.pt"), "--resume", str(tmp_path / "nothing.pt")]) == 2
+    assert "--resume" in caplog.text
+    with pytest.raises(SystemExit):
+        cli_main([*base, "--out", str(tmp_path / "m.pt"), "--img-size", "abc"])
+    assert not list(tmp_path.glob("*.pt"))
+
+
+def test_multiclass_index_masks_with_class_names(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("images", 6),):
+        for i in range(n):
+            mask = np.zeros((48, 48), np.uint8)
+            mask[5:20, 5:20] = 1
+            mask[25:45, 20:40] = 2
+            image = np.choose(mask, [40, 200, 120]).astype(np.uint8) + rng.integers(
+                0, 20, (48, 48), dtype=np.uint8
+            )
+            (tmp_path / "d" / split).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "d" / "masks").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(tmp_path / "d" / split / f"{i}.png")
+            Image.fromarray(mask).save(tmp_path / "d" / "masks" / f"{i}.png")
+    out = tmp_path / "m.pt"
+    result = run(
+        _args(
+            [
+                "train",
+                "segment",
+                "--data",
+                str(tmp_path / "d"),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--samples-per-epoch",
+                "8",
+                "--classes",
+                "bg",
+                "tooth",
+                "filling",
+                *TINY,
+            ]
+        )
+    )
+    meta, _state = load_checkpoint(out)
+    assert meta.classes == ["bg", "tooth", "filling"] and meta.extra["mask_mode"] == "index"
+    assert meta.architecture.args["out_channels"] == 3
+    assert set(result.history[0]["val_per_class_dice"]) == {"bg", "tooth", "filling"}

@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from training.transforms import SegmentationAugment
+
+
+def _pair(h=80, w=96, seed=0):
+    """An image whose intensity encodes its mask: label c has intensity 0.15 + 0.35 * c."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((h, w), dtype=np.int64)
+    for label in (1, 2):
+        for _ in range(3):
+            cy, cx, r = rng.integers(5, h - 5), rng.integers(5, w - 5), rng.integers(4, 12)
+            yy, xx = np.ogrid[:h, :w]
+            mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = label
+    image = (0.15 + 0.35 * mask).astype(np.float32)[None]
+    return image, mask
+
+
+def _labels_from_intensity(image):
+    return np.digitize(image[0], [0.325, 0.675])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_image_and_mask_move_together(seed):
+    image, mask = _pair()
+    augment = SegmentationAugment(
+        (48, 64),
+        hflip=0.5,
+        vflip=0.5,
+        p_affine=1.0,
+        max_rotation=30,
+        p_elastic=1.0,
+        elastic_sigma=8,
+        p_intensity=0,
+    )
+    out_img, out_mask = augment(image, mask, np.random.default_rng(seed))
+    assert out_img.shape == (1, 48, 64) and out_mask.shape == (48, 64)
+    assert out_img.dtype == np.float32 and out_mask.dtype == np.int64
+    assert set(np.unique(out_mask)) <= {0, 1, 2}
+    agree = _labels_from_intensity(out_img) == out_mask
+    # Bilinear image vs nearest mask may differ only on a thin band along label boundaries.
+    boundary = ndimage.binary_dilation(ndimage.morphological_gradient(out_mask, size=3) > 0, iterations=1)
+    assert agree[~boundary].all()
+    assert agree.mean() > 0.95
+
+
+def test_geometry_actually_changes_and_is_seedable():
+    image, mask = _pair()
+    augment = SegmentationAugment((64, 64))
+    a = augment(image, mask, np.random.default_rng(3))
+    b = augment(image, mask, np.random.default_rng(3))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    outputs = {augment(image, mask, np.random.default_rng(s))[1].tobytes() for s in range(10)}
+    assert len(outputs) > 5
+
+
+def test_plain_crop_is_an_exact_window():
+    image, mask = _pair()
+    out_img, out_mask = SegmentationAugment.preset("none", (32, 40))(image, mask, np.random.default_rng(0))
+    # Find the window: the crop must equal some exact sub-array of the input.
+    found = [
+        (y, x)
+        for y in range(80 - 32 + 1)
+        for x in range(96 - 40 + 1)
+        if np.array_equal(mask[y : y + 32, x : x + 40], out_mask)
+        and np.array_equal(image[:, y : y + 32, x : x + 40], out_img)
+    ]
+    assert found
+
+
+def test_crop_larger_than_image_mirrors_and_keeps_pairs():
+    image, mask = _pair(h=30, w=24)
+    out_img, out_mask = SegmentationAugment((64, 48), p_intensity=0, p_noise=0)(
+        image, mask, np.random.default_rng(1)
+    )
+    assert out_img.shape == (1, 64, 48)
+    agree = _labels_from_intensity(out_img) == out_mask
+    assert agree.mean() > 0.95
+
+
+def test_intensity_changes_touch_the_image_only():
+    image, mask = _pair()
+    augment = SegmentationAugment(
+        (40, 40), p_affine=0, p_elastic=0, hflip=0, vflip=0, p_intensity=1.0, p_noise=1.0
+    )
+    plain = SegmentationAugment.preset("none", (40, 40))
+    out_img, out_mask = augment(image, mask, np.random.default_rng(2))
+    ref_img, ref_mask = plain(image, mask, np.random.default_rng(2))
+    assert np.array_equal(out_mask, ref_mask)
+    assert not np.allclose(out_img, ref_img)
+    assert out_img.min() >= 0 and out_img.max() <= 1
+
+
+def test_bad_configuration_raises():
+    with pytest.raises(ValueError):
+        SegmentationAugment((0, 10))
+    with pytest.raises(ValueError):
+        SegmentationAugment((10, 10), scale=(1.2, 0.9))
+    with pytest.raises(ValueError):
+        SegmentationAugment.preset("heavy", (10, 10))
+    with pytest.raises(ValueError, match="must match"):
+        SegmentationAugment((8, 8))(
+            np.zeros((1, 10, 10), np.float32), np.zeros((9, 10), np.int64), np.random.default_rng()
+        )
