@@ -1,0 +1,149 @@
+"""Response models and OpenAPI descriptions of the service (what ``/docs`` shows)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from app.errors import PROBLEM_JSON, PROBLEM_TYPES
+from app.uploads import RAW_IMAGE_TYPES
+
+
+class ProblemDetails(BaseModel):
+    """RFC 9457 problem details."""
+
+    type: str = Field(examples=["/problems/invalid-image"])
+    title: str = Field(examples=["Unreadable image"])
+    status: int = Field(examples=[400])
+    detail: str = Field(examples=["the data is not a readable image (corrupt or truncated file)"])
+    instance: str = Field(examples=["urn:uuid:0b6c4a1e-3f0e-4a8e-9a53-1c2d3e4f5a6b"])
+
+
+class BoundingBox(BaseModel):
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+class ClassArea(BaseModel):
+    index: int = Field(description="class index (the value in the PNG mask of a multi-class model)")
+    name: str
+    pixels: int = Field(description="area in pixels")
+    fraction: float = Field(description="area as a fraction of the image")
+    bbox: BoundingBox | None = Field(description="bounding box of the class; null when absent")
+    components: int = Field(description="connected components (8-connectivity)")
+
+
+class SegmentSummary(BaseModel):
+    """``/segment?format=json``."""
+
+    model: str
+    version: str
+    width: int
+    height: int
+    classes: list[ClassArea]
+    dicom: dict[str, str | None] | None = Field(
+        default=None, description="Study/Series/SOP Instance UIDs when the input was DICOM"
+    )
+
+
+class ModelInfo(BaseModel):
+    """One checkpoint of the model directory."""
+
+    name: str = Field(description="checkpoint file stem; the value of ?model=")
+    file: str
+    status: str = Field(description="loading, ready or failed")
+    error: str | None = Field(default=None, description="why the checkpoint failed to load")
+    task: str | None = None
+    version: str | None = None
+    architecture: str | None = None
+    classes: list[str] | None = None
+    input_size: list[int] | None = Field(default=None, description="(height, width) the model was trained on")
+    in_channels: int | None = None
+    resize: str | None = Field(default=None, description="tile (native scale, sliding window) or resize")
+    metrics: dict[str, Any] | None = Field(default=None, description="validation metrics from training")
+    created_at: str | None = None
+    device: str | None = None
+    precision: str | None = None
+    load_seconds: float | None = None
+    stats: dict[str, Any] | None = Field(
+        default=None,
+        description="batching counters: batch sizes, queue depth, time in queue and in the model",
+    )
+
+
+class ModelsResponse(BaseModel):
+    ready: bool
+    device: str
+    models: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
+    models: dict[str, str] = Field(default_factory=dict, description="status of each model")
+
+
+class Prediction(BaseModel):
+    filename: str | None = Field(description="the uploaded file's name (null for a raw body)")
+    label: str = Field(description="the most probable class")
+    probabilities: dict[str, float] = Field(description="class -> probability, best first (top_k of them)")
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    version: str
+    predictions: list[Prediction]
+
+
+class ProblemType(BaseModel):
+    type: str
+    title: str
+    status: int
+    description: str
+
+
+def image_request_body(multiple: bool) -> dict[str, Any]:
+    """OpenAPI request body: multipart field ``file`` (repeatable when ``multiple``) or a raw image body."""
+    file_schema: dict[str, Any] = {"type": "string", "format": "binary"}
+    field = {"type": "array", "items": file_schema} if multiple else file_schema
+    content: dict[str, Any] = {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {"file": {**field, "description": "the image (PNG, JPEG, TIFF, BMP or DICOM)"}},
+            }
+        }
+    }
+    for ctype in sorted(RAW_IMAGE_TYPES):
+        content[ctype] = {"schema": file_schema}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error statuses, listing the problem types each status can carry."""
+    schema = ProblemDetails.model_json_schema()
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        kinds = [cls for cls in PROBLEM_TYPES.values() if cls.status == status]
+        example = kinds[0] if kinds else None
+        entry: dict[str, Any] = {
+            "description": "; ".join(f"{k.title} ({k.slug})" for k in kinds) or "error",
+            "content": {PROBLEM_JSON: {"schema": schema}},
+        }
+        if example is not None:
+            entry["content"][PROBLEM_JSON]["example"] = {
+                "type": "/problems/" + example.slug,
+                "title": example.title,
+                "status": status,
+                "detail": example.description,
+                "instance": "urn:uuid:0b6c4a1e-3f0e-4a8e-9a53-1c2d3e4f5a6b",
+            }
+        if status == 503:
+            entry["headers"] = {
+                "Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}
+            }
+        responses[status] = entry
+    return responses

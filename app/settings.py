@@ -1,0 +1,110 @@
+"""Service settings: one pydantic-settings class read from ``MEDSERVE_*`` environment variables.
+
+Every field maps to an environment variable with the ``MEDSERVE_`` prefix (``max_batch_size`` ->
+``MEDSERVE_MAX_BATCH_SIZE``). Keyword arguments to ``Settings(...)`` (used by the CLI and by tests) take
+precedence over the environment. ``load_settings`` turns pydantic's validation errors into one
+``SettingsError`` whose message names the environment variables at fault.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "MEDSERVE_"
+MIB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """Invalid service configuration; the message names each offending ``MEDSERVE_*`` variable."""
+
+
+class Settings(BaseSettings):
+    """Configuration of the inference service (environment variables ``MEDSERVE_<NAME>``)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    model_dir: Path = Field(
+        default=Path("checkpoints"), description="directory whose *.pt checkpoints are served (name = stem)"
+    )
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N",
+    )
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        default="fp32", description="fp16/bf16 autocast on CUDA only; the CPU always runs fp32"
+    )
+    max_batch_size: int = Field(default=16, ge=1, le=1024, description="most requests in one model batch")
+    max_batch_delay_ms: float = Field(
+        default=10.0,
+        ge=0.0,
+        le=10_000.0,
+        description="longest wait for a batch to fill after its first request",
+    )
+    max_queue: int = Field(
+        default=256, ge=1, description="requests waiting per model (queued + being decoded); beyond: 503"
+    )
+    request_timeout_s: float = Field(
+        default=30.0, gt=0.0, description="a request not started within this many seconds gets 504"
+    )
+    max_upload_bytes: int = Field(default=32 * MIB, ge=1024, description="largest request body in bytes")
+    max_pixels: int = Field(
+        default=25_000_000, ge=1, description="largest image (width x height), checked from the header"
+    )
+    max_files: int = Field(default=16, ge=1, le=1024, description="most images in one /classify request")
+    decode_workers: int = Field(
+        default_factory=lambda: min(4, os.cpu_count() or 1),
+        ge=1,
+        le=64,
+        description="threads decoding uploads and encoding results (default: min(4, CPU count))",
+    )
+    torch_threads: int = Field(
+        default=0, ge=0, le=256, description="intra-op threads of PyTorch on the CPU; 0 keeps its default"
+    )
+    warmup: bool = Field(default=True, description="run a warm-up batch per model before reporting ready")
+
+    @property
+    def max_batch_delay_s(self) -> float:
+        return self.max_batch_delay_ms / 1000.0
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a settings field, e.g. ``max_queue`` -> ``MEDSERVE_MAX_QUEUE``."""
+    return ENV_PREFIX + field.upper()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Reads the settings from the environment (``overrides`` win) and validates them.
+
+    Raises:
+        SettingsError: one line per invalid variable, e.g.
+            ``MEDSERVE_MAX_BATCH_SIZE='0': Input should be greater than or equal to 1``.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"]) or "?"
+            value = error.get("input")
+            shown = f"={value!r}" if isinstance(value, str | int | float) else ""
+            lines.append(f"{env_name(field)}{shown}: {error['msg']}")
+        raise SettingsError("invalid MedServe settings:\n  " + "\n  ".join(lines)) from exc
+
+
+def check_runtime(settings: Settings) -> None:
+    """Checks what the field validators cannot: that the model directory exists.
+
+    Raises:
+        SettingsError: naming ``MEDSERVE_MODEL_DIR`` and the path.
+    """
+    if not settings.model_dir.is_dir():
+        raise SettingsError(
+            f"{env_name('model_dir')}={str(settings.model_dir)!r}: no such directory "
+            "(create it, or build demo checkpoints with `medserve demo --model-dir DIR`)"
+        )
