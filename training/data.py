@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from models.imageio import IMAGE_SUFFIXES, ImageError, read_image_file, read_mask_file
+from models.imageio import DEFAULT_INTENSITY, IMAGE_SUFFIXES, ImageError, read_image_file, read_mask_file
 from models.preprocessing import Preprocessing, normalize, to_channels
 from training.transforms import SegmentationAugment
 
@@ -109,8 +109,13 @@ def find_pairs(root: str | Path) -> list[tuple[str, Path, Path]]:
     return [(stem, images[stem][0], masks[stem]) for stem in sorted(images)]
 
 
-def load_set(root: str | Path) -> SegmentationSet:
+def load_set(root: str | Path, intensity: str = DEFAULT_INTENSITY) -> SegmentationSet:
     """Reads every image/mask pair of ``root`` after checking them all.
+
+    Args:
+        root: the data folder (layout: module docstring).
+        intensity: intensity policy the images are read with (``models.imageio.INTENSITY_POLICIES``); the
+            one recorded in the checkpoint's ``Preprocessing.intensity``, so evaluation and serving read alike.
 
     Raises:
         DataLayoutError: listing unmatched stems, unreadable files and size mismatches (up to a few each).
@@ -122,7 +127,7 @@ def load_set(root: str | Path) -> SegmentationSet:
     for stem, image_path, mask_path in pairs:
         image = mask = None
         try:
-            image = read_image_file(image_path).pixels
+            image = read_image_file(image_path, intensity=intensity).pixels
         except (ImageError, OSError) as exc:
             unreadable.append(f"{image_path.name} ({exc})")
         try:

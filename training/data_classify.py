@@ -29,7 +29,7 @@ from torch.utils.data import Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from models.imageio import IMAGE_SUFFIXES, read_image_file
+from models.imageio import DEFAULT_INTENSITY, IMAGE_SUFFIXES, read_image_file
 from models.preprocessing import Preprocessing, normalize, to_tensor
 
 log = logging.getLogger(__name__)
@@ -158,13 +158,18 @@ def data_fingerprint(samples: Sequence[Sample]) -> str:
     return digest.hexdigest()[:16]
 
 
-def detect_channels(samples: Sequence[Sample], max_images: int = 16) -> int:
-    """1 when the sampled images are grayscale (one channel, or RGB with equal channels), else 3."""
+def detect_channels(
+    samples: Sequence[Sample], max_images: int = 16, intensity: str = DEFAULT_INTENSITY
+) -> int:
+    """1 when the sampled images are grayscale (one channel, or RGB with equal channels), else 3.
+
+    ``intensity`` is the policy the images are read with (``models.imageio.INTENSITY_POLICIES``).
+    """
     if not samples:
         raise ValueError("no images to inspect")
     step = max(1, len(samples) // max_images)
     for s in list(samples)[::step][:max_images]:
-        pixels = read_image_file(s.path).pixels
+        pixels = read_image_file(s.path, intensity=intensity).pixels
         if pixels.shape[2] >= 3 and float(np.abs(pixels[:, :, :3] - pixels[:, :, :1]).max()) > 2.0 / 255.0:
             return 3
     return 1
@@ -211,8 +216,9 @@ class AugmentConfig:
 
 
 def load_image(path: Path, spec: Preprocessing) -> torch.Tensor:
-    """Reads one file as the un-normalised, resized (C, H, W) tensor the spec describes."""
-    return to_tensor(read_image_file(path).pixels, spec)
+    """Reads one file as the un-normalised, resized (C, H, W) tensor the spec describes (its intensity policy,
+    channels and size)."""
+    return to_tensor(read_image_file(path, intensity=spec.intensity).pixels, spec)
 
 
 class ClassificationDataset(Dataset[tuple[torch.Tensor, int]]):

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from models.checkpoint import CheckpointError, CheckpointMetadata, load_model
+from models.imageio import resolve_intensity
 from models.inference import resolve_device
 from models.preprocessing import prepare
 from training import baselines
@@ -144,7 +145,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, meta = load_model(args.model, device)
     if meta.task != "segmentation":
         raise CheckpointError(f"{args.model}: a {meta.task} checkpoint, not a segmentation model")
-    data = D.load_set(args.data)
+    try:
+        intensity = resolve_intensity(meta.preprocessing.intensity)
+    except ValueError as exc:  # a policy this MedServe does not know: the checkpoint is from a newer one
+        raise CheckpointError(f"{args.model}: {exc}") from exc
+    # Images are read with the checkpoint's intensity policy, as training and the service read them.
+    data = D.load_set(args.data, intensity)
     targets = targets_for(data, meta)
     spec = meta.preprocessing
     k = len(meta.classes)

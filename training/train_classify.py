@@ -49,6 +49,7 @@ from models.classifier import (
     normalization_stats,
     probabilities,
 )
+from models.imageio import DEFAULT_INTENSITY, INTENSITY_POLICIES, resolve_intensity
 from models.inference import resolve_device
 from models.preprocessing import Preprocessing
 from training.data_classify import (
@@ -108,6 +109,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument(
         "--in-channels", default="auto", choices=("auto", "1", "3"), help="auto: 1 if images are gray"
+    )
+    data.add_argument(
+        "--intensity",
+        choices=sorted(INTENSITY_POLICIES),
+        default=DEFAULT_INTENSITY,
+        help="how image samples map to [0, 1], stored and reapplied when serving: dicom-window (default: "
+        "DICOM VOI LUT/window when present) or ignore-window (DICOM min-max like 16-bit PNG); docs/formats.md",
     )
     data.add_argument(
         "--cache-mb", type=float, default=4096, help="keep decoded images in memory up to this size"
@@ -278,10 +286,21 @@ def train(args: argparse.Namespace) -> TrainResult:
 
     data: ClassificationData = discover(args.data, args.val_split, args.seed)
     k = len(data.classes)
-    in_channels = detect_channels(data.train) if args.in_channels == "auto" else int(args.in_channels)
+    # Namespaces built by callers without --intensity (library use) get the default policy.
+    intensity = resolve_intensity(getattr(args, "intensity", None))
+    in_channels = (
+        detect_channels(data.train, intensity=intensity)
+        if args.in_channels == "auto"
+        else int(args.in_channels)
+    )
     mean, std = normalization_stats(in_channels)
     spec = Preprocessing(
-        in_channels=in_channels, img_size=tuple(args.img_size), resize="resize", mean=mean, std=std
+        in_channels=in_channels,
+        img_size=tuple(args.img_size),
+        resize="resize",
+        mean=mean,
+        std=std,
+        intensity=intensity,
     )
     log.info(
         "%d classes %s; %d training / %d validation images (%s); %d channel(s) at %dx%d",

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from models.checkpoint import Architecture, CheckpointMetadata, save_checkpoint
+from models.imageio import DEFAULT_INTENSITY, INTENSITY_POLICIES, resolve_intensity
 from models.inference import Precision, resolve_device
 from models.preprocessing import Preprocessing, prepare
 from models.unet import NORMS, UNet
@@ -132,6 +133,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tile-overlap", type=float, default=0.25, help="overlap of inference tiles (stored)"
     )
     parser.add_argument(
+        "--intensity",
+        choices=sorted(INTENSITY_POLICIES),
+        default=DEFAULT_INTENSITY,
+        help="how image samples map to [0, 1], stored and reapplied when serving: dicom-window (default: "
+        "DICOM VOI LUT/window when present) or ignore-window (DICOM min-max like 16-bit PNG); docs/formats.md",
+    )
+    parser.add_argument(
         "--val-tta", action="store_true", help="flip test-time augmentation during validation"
     )
     parser.add_argument(
@@ -230,9 +238,11 @@ def class_names(raw: Sequence[str] | None) -> list[str] | None:
 def prepare_data(args: argparse.Namespace) -> Prepared:
     """Loads and checks all data, splits it, and derives classes and the preprocessing spec."""
     root = Path(args.data)
-    full = D.load_set(root)
+    # Namespaces built by callers without --intensity (library use) get the default policy.
+    intensity = resolve_intensity(getattr(args, "intensity", None))
+    full = D.load_set(root, intensity)
     if (root / "val").is_dir():
-        train, val = full, D.load_set(root / "val")
+        train, val = full, D.load_set(root / "val", intensity)
     else:
         train_idx, val_idx = D.split_indices(len(full), args.val_split, args.seed)
         train, val = full.subset(train_idx), full.subset(val_idx)
@@ -246,6 +256,7 @@ def prepare_data(args: argparse.Namespace) -> Prepared:
         mean=mean,
         std=std,
         tile_overlap=args.tile_overlap,
+        intensity=intensity,
     )
     return Prepared(
         train,
