@@ -190,6 +190,8 @@ class Batcher(Generic[InputT, OutputT]):
         max_queue: most requests queued or announced at once (>= 1).
         timeout_s: a request not started this many seconds after its arrival is refused (> 0).
         clock: monotonic time source (seconds).
+        on_batch: called on the event loop after each batch with the model's name, each request's time in the
+            queue and the batch's run time (seconds), e.g. to feed metrics; its errors are logged, not raised.
 
     Raises:
         ValueError: for a non-positive size, queue or timeout, or a negative delay.
@@ -205,6 +207,7 @@ class Batcher(Generic[InputT, OutputT]):
         max_queue: int,
         timeout_s: float,
         clock: Callable[[], float] = time.monotonic,
+        on_batch: Callable[[str, Sequence[float], float], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -222,6 +225,7 @@ class Batcher(Generic[InputT, OutputT]):
         self.stats = BatcherStats()
         self._predict = predict
         self._clock = clock
+        self._on_batch = on_batch
         self._queue: deque[_Request[InputT, OutputT]] = deque()
         self._announced = 0
         self._changed = asyncio.Event()
@@ -407,7 +411,8 @@ class Batcher(Generic[InputT, OutputT]):
             live.append(request)
         if not live:
             return
-        self.stats.record_batch([now - r.enqueued_at for r in live])
+        queue_seconds = [now - r.enqueued_at for r in live]
+        self.stats.record_batch(queue_seconds)
         loop = asyncio.get_running_loop()
         started = self._clock()
         try:
@@ -433,7 +438,13 @@ class Batcher(Generic[InputT, OutputT]):
         else:
             for request, output in zip(live, outputs, strict=True):
                 self._resolve(request, output)
-        self.stats.record_run(self._clock() - started)
+        run_seconds = self._clock() - started
+        self.stats.record_run(run_seconds)
+        if self._on_batch is not None:
+            try:
+                self._on_batch(self.name, queue_seconds, run_seconds)
+            except Exception:  # observing must never break serving
+                logger.exception("model %s: batch observer failed", self.name)
 
     @staticmethod
     def _resolve(request: _Request[InputT, OutputT], output: OutputT) -> None:

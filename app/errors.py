@@ -58,6 +58,11 @@ class BadRequest(Problem):
     description = "The request could not be parsed (e.g. a broken multipart body)."
 
 
+class Unauthorized(Problem):
+    status, slug, title = 401, "unauthorized", "API key required"
+    description = "Send a valid API key as `X-API-Key: KEY` or `Authorization: Bearer KEY`."
+
+
 class ModelNotFound(Problem):
     status, slug, title = 404, "model-not-found", "Unknown model"
     description = "No model of the needed task has this name; GET /models lists them."
@@ -147,6 +152,7 @@ PROBLEM_TYPES: dict[str, type[Problem]] = {
     for cls in (
         InvalidImage,
         BadRequest,
+        Unauthorized,
         ModelNotFound,
         NotFound,
         MethodNotAllowed,

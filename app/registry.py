@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
 from app.batching import Batcher
 from app.errors import ModelNotFound, ModelRequired, ModelUnavailable, NotReady, retry_after
+from app.logs import note_model
 from app.runners import Runner, load_runner
 from app.settings import Settings
 from models.checkpoint import SUFFIX, CheckpointError
@@ -26,6 +28,27 @@ from models.inference import Precision
 logger = logging.getLogger("medserve.registry")
 
 Status = Literal["loading", "ready", "failed"]
+
+# Batch-size tuning at warm-up: a larger batch is chosen only if it beats the best so far by this factor (a
+# noise guard; smaller batches also mean lower latency), and doubling stops once a size is clearly slower.
+AUTOTUNE_MARGIN = 1.02
+AUTOTUNE_STOP = 0.9
+
+
+def candidate_batch_sizes(limit: int) -> list[int]:
+    """1, 2, 4, ... below ``limit``, then ``limit`` itself (e.g. 12 -> [1, 2, 4, 8, 12])."""
+    sizes = [1]
+    while sizes[-1] * 2 < limit:
+        sizes.append(sizes[-1] * 2)
+    if limit > 1:
+        sizes.append(limit)
+    return sizes
+
+
+def _timed(fn: Callable[[list[Any]], Any], inputs: list[Any]) -> float:
+    started = time.perf_counter()
+    fn(inputs)
+    return time.perf_counter() - started
 
 
 @dataclass
@@ -39,6 +62,7 @@ class ModelHandle:
     runner: Runner[Any, Any] | None = None
     batcher: Batcher[Any, Any] | None = None
     load_seconds: float | None = None
+    batch_rates: dict[int, float] | None = None
 
     @property
     def task(self) -> str | None:
@@ -51,6 +75,11 @@ class ModelHandle:
         if self.runner is not None:
             info.update(self.runner.describe())
         info["load_seconds"] = self.load_seconds
+        if self.batch_rates:
+            info["batch_autotune"] = {
+                "chosen": self.batcher.max_batch_size if self.batcher is not None else None,
+                "images_per_second": {str(k): round(v, 3) for k, v in self.batch_rates.items()},
+            }
         if self.batcher is not None:
             info["stats"] = self.batcher.snapshot()
         return info
@@ -73,10 +102,17 @@ class ModelRegistry:
         model_threads: PyTorch intra-op threads of each model's worker thread (None: leave as inherited).
     """
 
-    def __init__(self, settings: Settings, device: torch.device, model_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        device: torch.device,
+        model_threads: int | None = None,
+        on_batch: Callable[[str, Sequence[float], float], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.device = device
         self.model_threads = model_threads
+        self.on_batch = on_batch
         self.models: dict[str, ModelHandle] = {
             path.stem: ModelHandle(path.stem, path)
             for path in sorted(settings.model_dir.glob(f"*{SUFFIX}"))
@@ -123,15 +159,16 @@ class ModelRegistry:
                 max_delay_s=settings.max_batch_delay_s,
                 max_queue=settings.max_queue,
                 timeout_s=settings.request_timeout_s,
+                on_batch=self.on_batch,
             )
+            if settings.compile:
+                # Compiled on its first forward passes: the warm-up, in the model's own thread.
+                runner.model = cast(torch.nn.Module, torch.compile(runner.model))
             if self.model_threads:
                 # The thread count is per OS thread with OpenMP: set it in the model's own worker thread.
                 await batcher.call(torch.set_num_threads, self.model_threads)
             if settings.warmup:
-                # In the model's own thread, at batch 1 and at the largest batch: the shapes it will see most.
-                sizes = sorted({1, settings.max_batch_size})
-                for size in sizes:
-                    await batcher.call(runner.run_batch, [runner.warmup_input() for _ in range(size)])
+                handle.batch_rates = await self._warm_up(runner, batcher)
             batcher.start()
         except asyncio.CancelledError:
             if batcher is not None:
@@ -156,6 +193,43 @@ class ModelRegistry:
             )
         handle.load_seconds = round(time.perf_counter() - started, 3)
 
+    async def _warm_up(self, runner: Runner[Any, Any], batcher: Batcher[Any, Any]) -> dict[int, float] | None:
+        """Runs warm-up batches in the model's thread; with ``batch_autotune``, also picks the batch size.
+
+        Without tuning: one batch of 1 and one of ``MAX_BATCH_SIZE`` (the shapes seen most). With tuning:
+        batches of 1, 2, 4, ... up to ``MAX_BATCH_SIZE``, each run once to build its kernels and once timed;
+        the model's batches are then capped at the size with the best throughput. On a CPU a large network can
+        be slower per image in big batches (memory-bound), on a GPU the largest batch usually wins.
+
+        Returns:
+            images per second by batch size when tuning, else None.
+        """
+        settings = self.settings
+        if not settings.batch_autotune:
+            for size in sorted({1, settings.max_batch_size}):
+                await batcher.call(runner.run_batch, [runner.warmup_input() for _ in range(size)])
+            return None
+        rates: dict[int, float] = {}
+        best = 1
+        for size in candidate_batch_sizes(settings.max_batch_size):
+            inputs = [runner.warmup_input() for _ in range(size)]
+            await batcher.call(runner.run_batch, inputs)
+            rates[size] = size / max(await batcher.call(_timed, runner.run_batch, inputs), 1e-9)
+            if rates[size] > rates[best] * AUTOTUNE_MARGIN:
+                best = size
+            elif rates[size] < rates[best] * AUTOTUNE_STOP:
+                break
+        batcher.max_batch_size = best
+        runner.forward_batch_size = best
+        logger.info(
+            "model %s: batch size %d (of %d) has the best throughput: %s images/s",
+            runner.name,
+            best,
+            settings.max_batch_size,
+            {k: round(v, 2) for k, v in rates.items()},
+        )
+        return rates
+
     def resolve(self, task: str, name: str | None) -> ModelHandle:
         """The ready model of ``task`` named ``name`` (or the only one when ``name`` is None).
 
@@ -169,6 +243,8 @@ class ModelRegistry:
             raise NotReady("models are still loading; retry shortly", headers=retry_after(5))
         if name is not None:
             handle = self.models.get(name)
+            if handle is not None:
+                note_model(handle.name)  # a served checkpoint's name: safe as a log field and metric label
             if handle is not None and handle.status == "failed":
                 raise ModelUnavailable(f"model {name!r} failed to load; GET /models shows the error")
             if handle is None or handle.task != task:
@@ -178,6 +254,7 @@ class ModelRegistry:
             return handle
         candidates = [h for h in self.models.values() if h.status == "ready" and h.task == task]
         if len(candidates) == 1:
+            note_model(candidates[0].name)
             return candidates[0]
         if len(candidates) > 1:
             raise ModelRequired(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Annotated, Any, Literal, TypeVar, cast
@@ -23,11 +24,19 @@ from app.errors import (
     ClientDisconnected,
     NotFound,
     NotReady,
+    UnprocessableImage,
+    UnsupportedMediaType,
     from_image_error,
     retry_after,
 )
 from app.registry import ModelHandle, ModelRegistry
-from app.runners import ClassificationRunner, ImageUpload, SegmentationRunner
+from app.runners import (
+    ClassificationInput,
+    ClassificationRunner,
+    ImageUpload,
+    SegmentationInput,
+    SegmentationRunner,
+)
 from app.schemas import (
     ClassifyResponse,
     Health,
@@ -39,6 +48,7 @@ from app.schemas import (
 )
 from app.settings import Settings
 from app.uploads import read_uploads
+from models.dicom_seg import SEG_MEDIA_TYPE, DicomSegError
 from models.imageio import ImageError
 
 T = TypeVar("T")
@@ -76,7 +86,7 @@ ModelQuery = Annotated[
         examples=["unet"],
     ),
 ]
-SegmentFormat = Literal["png", "overlay", "json"]
+SegmentFormat = Literal["png", "overlay", "json", "dicom-seg"]
 
 
 async def in_pool(pool: Executor, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -120,7 +130,11 @@ Send the image as multipart field `file` (`curl -F file=@scan.png`) or as the ra
 
 * `format=png` (default): single-channel 8-bit PNG: 0/255 for a binary model, the class index otherwise.
 * `format=overlay`: RGB PNG of the image with the mask drawn over it in colour.
-* `format=json`: per-class area, bounding box and connected components.
+* `format=json`: per-class area, bounding box and connected components; for DICOM input also `dicom`, the
+  request's Study/Series/SOP Instance UIDs (never patient data).
+* `format=dicom-seg` (DICOM input only; other input: 415): a DICOM Segmentation object (`application/dicom`)
+  in the source's study, referencing the source series and instance, one segment per foreground class named
+  after it.
 
 Headers `X-Model-Name` and `X-Model-Version` name the model that answered.
 """
@@ -133,9 +147,10 @@ Headers `X-Model-Name` and `X-Model-Version` name the model that answered.
     response_class=Response,
     responses={
         200: {
-            "description": "the mask (PNG), the overlay (PNG) or the summary (JSON)",
+            "description": "the mask (PNG), the overlay (PNG), the summary (JSON) or a DICOM SEG",
             "content": {
                 "image/png": {"schema": {"type": "string", "format": "binary"}},
+                SEG_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
                 "application/json": {
                     "schema": SegmentSummary.model_json_schema(),
                     "example": {
@@ -183,7 +198,11 @@ async def segment(
     pool: PoolDep,
     model: ModelQuery = None,
     fmt: Annotated[
-        SegmentFormat, Query(alias="format", description="png (mask), overlay (RGB PNG) or json (summary)")
+        SegmentFormat,
+        Query(
+            alias="format",
+            description="png (mask), overlay (RGB PNG), json (summary) or dicom-seg (DICOM SEG; DICOM input)",
+        ),
     ] = "png",
 ) -> Response:
     handle = registry.resolve("segmentation", model)
@@ -192,11 +211,35 @@ async def segment(
     with handle.batcher.reserve() as reservation:
         uploads = await read_uploads(request, max_files=1)
         item = await in_pool(
-            pool, runner.decode, uploads[0], max_pixels=settings.max_pixels, keep_pixels=fmt == "overlay"
+            pool,
+            runner.decode,
+            uploads[0],
+            max_pixels=settings.max_pixels,
+            keep_pixels=fmt == "overlay",
+            keep_source=fmt == "dicom-seg",
         )
+        if fmt == "dicom-seg":
+            _check_seg_source(runner, item)
         probs = await until_disconnected(request, reservation.submit(item))
-    encoded = await in_pool(pool, runner.encode, item, probs, fmt)
+    try:
+        encoded = await in_pool(pool, runner.encode, item, probs, fmt)
+    except DicomSegError as exc:
+        raise UnprocessableImage(str(exc)) from exc
     return Response(encoded.body, media_type=encoded.media_type, headers=_model_headers(handle))
+
+
+def _check_seg_source(runner: SegmentationRunner, item: SegmentationInput) -> None:
+    """Refuses ``format=dicom-seg`` before the model runs: non-DICOM input 415, unusable DICOM 422."""
+    if item.source is None:
+        raise UnsupportedMediaType(
+            "format=dicom-seg writes a DICOM Segmentation, which must reference a DICOM source image; "
+            f"this request sent a {item.source_format or 'non-DICOM'} image. Send DICOM "
+            "(application/dicom or a .dcm file) or use format=png, overlay or json"
+        )
+    try:
+        runner.check_seg_source(item)
+    except DicomSegError as exc:
+        raise UnprocessableImage(str(exc)) from exc
 
 
 CLASSIFY_DESCRIPTION = """Classifies one or more images.
@@ -204,7 +247,8 @@ CLASSIFY_DESCRIPTION = """Classifies one or more images.
 Send each image as a multipart field `file` (repeat the field for several: `curl -F file=@a.png -F file=@b.png`)
 or one image as the raw body with its content type. Predictions come in the order of the files; each lists
 the most probable label and the class probabilities (softmax of the calibrated logits; all classes sum to 1,
-`top_k` lists only the best K). If any image cannot be read, the whole request fails with the status of that
+`top_k` lists only the best K), and for DICOM input `dicom`: its Study/Series/SOP Instance UIDs (never patient
+data). If any image cannot be read, the whole request fails with the status of that
 image's problem (400 for an unreadable file) and the detail names the file; no other request is affected.
 """
 
@@ -245,13 +289,12 @@ image's problem (400 for an unreadable file) and the detail names the file; no o
 )
 async def classify(
     request: Request,
-    response: Response,
     registry: RegistryDep,
     settings: SettingsDep,
     pool: PoolDep,
     model: ModelQuery = None,
     top_k: Annotated[int | None, Query(ge=1, description="list only the K most probable classes")] = None,
-) -> dict[str, Any]:
+) -> Response:
     handle = registry.resolve("classification", model)
     runner = cast(ClassificationRunner, handle.runner)
     batcher = handle.batcher
@@ -271,6 +314,7 @@ async def classify(
         for item in items:
             if isinstance(item, BaseException):
                 raise item  # the first bad file, in upload order
+        identifiers = [cast(ClassificationInput, item).dicom_uids for item in items]
         submitted = asyncio.gather(
             *(reservation.submit(item) for reservation, item in zip(reservations, items, strict=True)),
             return_exceptions=True,
@@ -280,15 +324,19 @@ async def classify(
         if isinstance(output, BaseException):
             raise output  # e.g. a timeout: the first in upload order
     results: list[Any] = list(outputs)
-    predictions = await in_pool(
-        pool,
-        lambda: [
-            runner.encode(probs, upload.filename, top_k)
-            for probs, upload in zip(results, uploads, strict=True)
-        ],
-    )
-    response.headers.update(_model_headers(handle))
-    return {"model": handle.name, "version": runner.version, "predictions": predictions}
+
+    def encode() -> bytes:
+        predictions = [
+            runner.encode(probs, upload.filename, top_k, dicom)
+            for probs, upload, dicom in zip(results, uploads, identifiers, strict=True)
+        ]
+        return json.dumps(
+            {"model": handle.name, "version": runner.version, "predictions": predictions}
+        ).encode()
+
+    # Serialised in the pool and returned as is (the response model documents it; no second validation).
+    body = await in_pool(pool, encode)
+    return Response(body, media_type="application/json", headers=_model_headers(handle))
 
 
 async def _decode_named(
@@ -327,7 +375,12 @@ async def ready(registry: RegistryDep) -> dict[str, Any]:
     return {"status": "ready", "models": statuses}
 
 
-@router.get("/problems/{slug}", summary="Problem type", response_model=ProblemType)
+@router.get(
+    "/problems/{slug}",
+    summary="Problem type",
+    response_model=ProblemType,
+    responses={**problem_responses(404)},
+)
 async def problem_type(slug: str) -> dict[str, Any]:
     """What a problem ``type`` of an error response means."""
     cls = PROBLEM_TYPES.get(slug)

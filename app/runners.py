@@ -8,7 +8,11 @@ Where each step runs:
     * ``predict``: per batch, in the model's own worker thread (``app.batching``), under
       ``torch.inference_mode()``: inputs of several requests -> one output per request.
     * ``encode``: per request, in the decode thread pool: output -> response payload (mask PNG, overlay, JSON,
-      class probabilities).
+      DICOM SEG, class probabilities).
+
+Images are read with the checkpoint's intensity policy (``Preprocessing.intensity``), so a DICOM window or a
+16-bit PNG maps to the same [0, 1] values as in training. JSON answers carry only the DICOM identifiers
+``models.dicom_seg.safe_identifiers`` allows (Study/Series/SOP Instance UID), never patient data.
 
 Batching policy for images of different sizes:
     * segmentation with ``resize="tile"`` (the U-Net's policy): each image keeps its native pixel scale and is
@@ -36,12 +40,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pydicom.uid import UID
 from scipy import ndimage
 from torch import nn
 
 from models.checkpoint import CheckpointError, CheckpointMetadata, load_model
 from models.classifier import probabilities
-from models.imageio import DecodedImage, ImageError, read_image
+from models.dicom_seg import (
+    SAFE_UID_KEYWORDS,
+    SEG_MEDIA_TYPE,
+    DicomSegError,
+    build_dicom_seg,
+    safe_identifiers,
+)
+from models.imageio import DecodedImage, DicomRef, ImageError, read_image, resolve_intensity
 from models.inference import Precision, forward, merge_tiles, prepare_for_device, split_tiles
 from models.preprocessing import prepare
 
@@ -114,6 +126,10 @@ class Runner(ABC, Generic[InputT, OutputT]):
         self.model = model
         self.metadata = metadata
         self.spec = metadata.preprocessing
+        try:
+            self.intensity = resolve_intensity(self.spec.intensity)
+        except ValueError as exc:  # reading differently from training would give silently wrong answers
+            raise CheckpointError(f"{name}: {exc}; the checkpoint needs a newer MedServe") from exc
         self.device = device
         self.precision = precision
         self.forward_batch_size = forward_batch_size
@@ -127,10 +143,15 @@ class Runner(ABC, Generic[InputT, OutputT]):
         return self.metadata.version
 
     def read(self, upload: ImageUpload, *, max_pixels: int | None) -> DecodedImage:
-        """Decodes the bytes; unexpected decoder failures on client data are reported as unreadable images."""
+        """Decodes the bytes with the checkpoint's intensity policy; unexpected decoder failures on client data
+        are reported as unreadable images."""
         try:
             return read_image(
-                upload.data, content_type=upload.content_type, filename=upload.filename, max_pixels=max_pixels
+                upload.data,
+                content_type=upload.content_type,
+                filename=upload.filename,
+                max_pixels=max_pixels,
+                intensity=self.intensity,
             )
         except ImageError:
             raise
@@ -168,6 +189,7 @@ class Runner(ABC, Generic[InputT, OutputT]):
             "input_size": list(self.spec.img_size),
             "in_channels": self.spec.in_channels,
             "resize": self.spec.resize,
+            "intensity": self.intensity,
             "metrics": meta.metrics,
             "created_at": meta.created_at,
             "device": str(self.device),
@@ -180,13 +202,24 @@ class Runner(ABC, Generic[InputT, OutputT]):
 
 @dataclass
 class SegmentationInput:
-    """A decoded request: ``image`` normalised (C, H', W'); ``pixels`` (H, W, C) kept only for overlays."""
+    """A decoded request.
+
+    Attributes:
+        image: normalised model input (C, H', W').
+        height / width: the input's original size.
+        pixels: decoded (H, W, C) pixels, kept only for overlays.
+        dicom_uids: the identifiers JSON may echo (``safe_identifiers``) when the input was DICOM, else None.
+        source: the source DICOM, kept only to write a DICOM SEG (it holds patient data: never log it).
+        source_format: the input's format (``png``, ``dicom``, ...).
+    """
 
     image: torch.Tensor
     height: int
     width: int
     pixels: np.ndarray | None = None
-    dicom_uids: dict[str, str | None] | None = None
+    dicom_uids: dict[str, str] | None = None
+    source: DicomRef | None = None
+    source_format: str = ""
 
 
 class SegmentationRunner(Runner[SegmentationInput, torch.Tensor]):
@@ -218,16 +251,23 @@ class SegmentationRunner(Runner[SegmentationInput, torch.Tensor]):
         return len(self.classes) == 2
 
     def decode(
-        self, upload: ImageUpload, *, max_pixels: int | None, keep_pixels: bool = False
+        self,
+        upload: ImageUpload,
+        *,
+        max_pixels: int | None,
+        keep_pixels: bool = False,
+        keep_source: bool = False,
     ) -> SegmentationInput:
+        """Bytes -> model input; ``keep_pixels`` for overlays, ``keep_source`` (the DICOM) for DICOM SEG."""
         decoded = self.read(upload, max_pixels=max_pixels)
-        uids = decoded.dicom.uids() if decoded.dicom is not None else None
         return SegmentationInput(
             image=prepare(decoded.pixels, self.spec),
             height=decoded.height,
             width=decoded.width,
             pixels=decoded.pixels if keep_pixels else None,
-            dicom_uids=uids,
+            dicom_uids=safe_identifiers(decoded.dicom) if decoded.dicom is not None else None,
+            source=decoded.dicom if keep_source else None,
+            source_format=decoded.format,
         )
 
     def predict(self, inputs: list[SegmentationInput]) -> list[torch.Tensor]:
@@ -286,9 +326,47 @@ class SegmentationRunner(Runner[SegmentationInput, torch.Tensor]):
             scores = F.interpolate(scores[None], size=(item.height, item.width), mode="bilinear")[0]
         return argmax_classes(scores.numpy())
 
+    @staticmethod
+    def check_seg_source(item: SegmentationInput) -> None:
+        """Whether a DICOM SEG can be written for this input (checked before the model runs).
+
+        A SEG must reference its source by Study, Series and SOP Instance UID, so each must be a valid UID;
+        values that are not UIDs are refused rather than passed on (and perhaps logged) by the SEG writer.
+
+        Raises:
+            models.dicom_seg.DicomSegError: the input is not DICOM or lacks a valid UID (named, value not quoted).
+        """
+        if item.source is None:
+            raise DicomSegError("a DICOM SEG needs DICOM input (decode with keep_source=True)")
+        missing = [keyword for keyword in SAFE_UID_KEYWORDS if keyword not in (item.dicom_uids or {})]
+        # The SOP class is quoted when highdicom does not know it, so it too must be a UID.
+        if not UID(str(item.source.dataset.get("SOPClassUID", "")).strip()).is_valid:
+            missing.append("SOPClassUID")
+        if missing:
+            raise DicomSegError(
+                f"cannot write a DICOM SEG: the source's {', '.join(missing)} is missing or not a valid UID"
+            )
+
     def encode(self, item: SegmentationInput, scores: torch.Tensor, fmt: str) -> Encoded:
-        """``png``: 8-bit mask (0/255 binary, else class index); ``overlay``: RGB PNG; ``json``: summary."""
+        """``png``: 8-bit mask (0/255 binary, else class index); ``overlay``: RGB PNG; ``json``: summary;
+        ``dicom-seg``: a DICOM Segmentation referencing the source DICOM (needs ``keep_source`` at decode).
+
+        Raises:
+            models.dicom_seg.DicomSegError: no source DICOM, or one a SEG cannot reference.
+        """
         mask = self.mask(item, scores)
+        if fmt == "dicom-seg":
+            self.check_seg_source(item)  # the route checked before inference; encode must not rely on it
+            assert item.source is not None
+            body = build_dicom_seg(
+                item.source,
+                mask,
+                self.classes,
+                algorithm_name=self.name,
+                algorithm_version=self.version,
+                series_description=f"MedServe {self.name} segmentation",
+            )
+            return Encoded(body, SEG_MEDIA_TYPE)
         if fmt == "png":
             return Encoded(png_bytes(mask * 255 if self.binary else mask), "image/png")
         if fmt == "overlay":
@@ -297,7 +375,7 @@ class SegmentationRunner(Runner[SegmentationInput, torch.Tensor]):
             return Encoded(png_bytes(overlay(item.pixels, mask)), "image/png")
         if fmt == "json":
             summary = {"model": self.name, "version": self.version, **summarize(mask, self.classes)}
-            if item.dicom_uids:
+            if item.dicom_uids is not None:  # DICOM input; {} when it carried no valid UID
                 summary["dicom"] = item.dicom_uids
             return Encoded(json.dumps(summary).encode(), "application/json")
         raise ValueError(f"unknown format {fmt!r}")
@@ -377,9 +455,11 @@ def summarize(mask: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
 
 @dataclass
 class ClassificationInput:
-    """A decoded request: the image normalised and resized to the model's input (C, h, w)."""
+    """A decoded request: the image normalised and resized to the model's input (C, h, w), and the identifiers
+    JSON may echo (``safe_identifiers``) when it was DICOM."""
 
     image: torch.Tensor
+    dicom_uids: dict[str, str] | None = None
 
 
 class ClassificationRunner(Runner[ClassificationInput, np.ndarray]):
@@ -423,7 +503,8 @@ class ClassificationRunner(Runner[ClassificationInput, np.ndarray]):
             image = F.interpolate(
                 image[None], size=self.spec.img_size, mode="bilinear", align_corners=False, antialias=True
             )[0]
-        return ClassificationInput(image)
+        uids = safe_identifiers(decoded.dicom) if decoded.dicom is not None else None
+        return ClassificationInput(image, uids)
 
     def predict(self, inputs: list[ClassificationInput]) -> list[np.ndarray]:
         outputs: list[np.ndarray] = []
@@ -441,16 +522,26 @@ class ClassificationRunner(Runner[ClassificationInput, np.ndarray]):
     def warmup_input(self) -> ClassificationInput:
         return ClassificationInput(torch.zeros(self.spec.in_channels, *self.spec.img_size))
 
-    def encode(self, probs: np.ndarray, filename: str | None, top_k: int | None) -> dict[str, Any]:
-        """One prediction: the most probable label and the probabilities of the ``top_k`` best classes."""
+    def encode(
+        self,
+        probs: np.ndarray,
+        filename: str | None,
+        top_k: int | None,
+        dicom: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """One prediction: the most probable label and the probabilities of the ``top_k`` best classes, plus
+        the input's DICOM identifiers (``ClassificationInput.dicom_uids``) when it was DICOM."""
         order = np.argsort(-probs, kind="stable")
         if top_k is not None:
             order = order[:top_k]
-        return {
+        prediction: dict[str, Any] = {
             "filename": filename,
             "label": self.classes[int(order[0])],
             "probabilities": {self.classes[int(i)]: float(probs[int(i)]) for i in order},
         }
+        if dicom is not None:
+            prediction["dicom"] = dicom
+        return prediction
 
 
 RUNNERS: dict[str, type[Runner[Any, Any]]] = {

@@ -36,6 +36,15 @@ class ClassArea(BaseModel):
     components: int = Field(description="connected components (8-connectivity)")
 
 
+class DicomIdentifiers(BaseModel):
+    """The identifiers of a DICOM input that answers echo: these three UIDs only (each present when the input
+    carried it as a valid UID), never the patient's name or any other tag."""
+
+    StudyInstanceUID: str | None = Field(default=None, examples=["1.2.826.0.1.3680043.8.498.1"])
+    SeriesInstanceUID: str | None = Field(default=None, examples=["1.2.826.0.1.3680043.8.498.2"])
+    SOPInstanceUID: str | None = Field(default=None, examples=["1.2.826.0.1.3680043.8.498.3"])
+
+
 class SegmentSummary(BaseModel):
     """``/segment?format=json``."""
 
@@ -44,8 +53,8 @@ class SegmentSummary(BaseModel):
     width: int
     height: int
     classes: list[ClassArea]
-    dicom: dict[str, str | None] | None = Field(
-        default=None, description="Study/Series/SOP Instance UIDs when the input was DICOM"
+    dicom: DicomIdentifiers | None = Field(
+        default=None, description="the request's Study/Series/SOP Instance UIDs; only for DICOM input"
     )
 
 
@@ -63,11 +72,17 @@ class ModelInfo(BaseModel):
     input_size: list[int] | None = Field(default=None, description="(height, width) the model was trained on")
     in_channels: int | None = None
     resize: str | None = Field(default=None, description="tile (native scale, sliding window) or resize")
+    intensity: str | None = Field(
+        default=None, description="intensity policy images are read with (dicom-window or ignore-window)"
+    )
     metrics: dict[str, Any] | None = Field(default=None, description="validation metrics from training")
     created_at: str | None = None
     device: str | None = None
     precision: str | None = None
     load_seconds: float | None = None
+    batch_autotune: dict[str, Any] | None = Field(
+        default=None, description="throughput by batch size measured at warm-up and the size chosen"
+    )
     stats: dict[str, Any] | None = Field(
         default=None,
         description="batching counters: batch sizes, queue depth, time in queue and in the model",
@@ -89,6 +104,9 @@ class Prediction(BaseModel):
     filename: str | None = Field(description="the uploaded file's name (null for a raw body)")
     label: str = Field(description="the most probable class")
     probabilities: dict[str, float] = Field(description="class -> probability, best first (top_k of them)")
+    dicom: DicomIdentifiers | None = Field(
+        default=None, description="the image's Study/Series/SOP Instance UIDs; only for DICOM input"
+    )
 
 
 class ClassifyResponse(BaseModel):

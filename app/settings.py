@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "MEDSERVE_"
@@ -66,7 +66,46 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         default=0, ge=0, le=256, description="intra-op threads of PyTorch on the CPU; 0 keeps its default"
     )
-    warmup: bool = Field(default=True, description="run a warm-up batch per model before reporting ready")
+    warmup: bool = Field(default=True, description="run warm-up batches per model before reporting ready")
+    batch_autotune: bool = Field(
+        default=True,
+        description="at warm-up, time batches of 1, 2, 4, ... MAX_BATCH_SIZE and cap each model's batches at "
+        "the size with the best throughput (needs WARMUP)",
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile each model at load (compiled during warm-up; worth it on CUDA, slow to start)",
+    )
+    # -- access, logs, shutdown, workers (production hardening) --
+    api_keys: SecretStr | None = Field(
+        default=None,
+        description="comma-separated API keys; with none (and no API_KEYS_FILE) the service is open",
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="file with one API key per line (# comments)"
+    )
+    metrics_auth: bool = Field(default=True, description="GET /metrics needs an API key (when keys are set)")
+    docs_auth: bool = Field(
+        default=False,
+        description="/docs, /redoc, /openapi.json and /problems/* need an API key (when keys are set)",
+    )
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="json (one object per line) or text"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(default="info")
+    access_log: bool = Field(
+        default=True, description="one log line per request (no query, client or headers)"
+    )
+    shutdown_timeout_s: float = Field(
+        default=25.0,
+        gt=0.0,
+        le=3600.0,
+        description="on SIGTERM, longest wait for accepted requests to finish (medserve serve); keep below the "
+        "orchestrator's grace period",
+    )
+    workers: int = Field(
+        default=1, ge=1, le=64, description="worker processes of medserve serve, each with its own models"
+    )
 
     @property
     def max_batch_delay_s(self) -> float:

@@ -112,6 +112,9 @@ async def _read_multipart(request: Request, max_files: int) -> list[ImageUpload]
         # One file more than allowed is parsed so that "too many" can be told apart from a broken body.
         form = await request.form(max_files=max_files + 1, max_fields=max_files + 16)
     except HTTPException as exc:
+        if str(exc.detail).startswith("Too many files"):
+            # More than one file over the limit: the parser stopped counting, the answer is still "too many".
+            raise PayloadTooLarge(f"at most {max_files} image(s) per request to this endpoint") from exc
         raise BadRequest(f"malformed multipart body: {exc.detail}") from exc
     try:
         parts: list[Any] = form.getlist(FILE_FIELD)

@@ -74,6 +74,7 @@ class Level:
     mean_batch_size: float | None
     server_mean_queue_ms: float | None
     server_mean_batch_ms: float | None
+    model_busy: float | None  # fraction of the level's wall time the model thread was running a batch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,6 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads, server and raw (0: default)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument("--skip-unbatched", action="store_true", help="do not run MAX_BATCH_SIZE=1")
+    parser.add_argument(
+        "--no-autotune",
+        action="store_true",
+        help="MEDSERVE_BATCH_AUTOTUNE=false: batches up to --max-batch-size",
+    )
     parser.add_argument("--raw-repeats", type=int, default=5, help="timed forward passes per raw batch size")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: benchmarks/results/...)")
     args = parser.parse_args(argv)
@@ -187,6 +193,7 @@ class Server:
                 "MEDSERVE_MAX_QUEUE": str(max(256, 4 * max(args.concurrency))),
                 "MEDSERVE_REQUEST_TIMEOUT_S": "3600",
                 "MEDSERVE_TORCH_THREADS": str(args.threads),
+                "MEDSERVE_BATCH_AUTOTUNE": "false" if args.no_autotune else "true",
             }
         )
         command = [
@@ -298,6 +305,7 @@ async def run_level(
         mean_batch_size=served / batches if batches else None,
         server_mean_queue_ms=queue_ms / served if served else None,
         server_mean_batch_ms=batch_ms / batches if batches else None,
+        model_busy=batch_ms / 1000 / seconds if batches else None,
     )
 
 
@@ -369,9 +377,11 @@ def raw_forward(path: Path, args: argparse.Namespace, batch_sizes: list[int]) ->
 
 def print_level(level: Level) -> None:
     batch = f"{level.mean_batch_size:6.2f}" if level.mean_batch_size else "     -"
+    busy = f"{100 * level.model_busy:5.1f}%" if level.model_busy is not None else "    -"
     print(
         f"{level.label:<12} c={level.concurrency:<3d} {level.throughput:8.2f} req/s  p50 {level.p50_ms:8.1f}  "
-        f"p95 {level.p95_ms:8.1f}  p99 {level.p99_ms:8.1f} ms  batch {batch}  errors {level.errors}",
+        f"p95 {level.p95_ms:8.1f}  p99 {level.p99_ms:8.1f} ms  batch {batch}  model busy {busy}  "
+        f"errors {level.errors}",
         flush=True,
     )
 
@@ -402,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
                 RESULTS / "server-batching.log",
             )
         )
+        formed = next(level for level in batched if level.concurrency == top).mean_batch_size or 1.0
+        batch_size = max(1, round(formed))
+        # The machine is shared: the raw model is timed right after each server run, and the two averaged.
+        raw_runs = [raw_forward(checkpoint, args, sorted({1, batch_size}))]
         unbatched: list[Level] = []
         if not args.skip_unbatched:
             unbatched = asyncio.run(
@@ -409,14 +423,20 @@ def main(argv: list[str] | None = None) -> int:
                     model_dir, args, images, 1, [top], "no batching", RESULTS / "server-unbatched.log"
                 )
             )
-        formed = next(level for level in batched if level.concurrency == top).mean_batch_size or 1.0
-        batch_size = max(1, round(formed))
-        raw = raw_forward(checkpoint, args, sorted({1, batch_size}))
+            raw_runs.append(raw_forward(checkpoint, args, sorted({1, batch_size})))
+        raw = {
+            size: {
+                "seconds_per_batch": statistics.mean(run[size]["seconds_per_batch"] for run in raw_runs),
+                "throughput": statistics.mean(run[size]["throughput"] for run in raw_runs),
+            }
+            for size in raw_runs[0]
+        }
 
     top_level = next(level for level in batched if level.concurrency == top)
     single = next((level for level in batched if level.concurrency == 1), None)
     ratios: dict[str, float | None] = {
         f"served_c{top}_over_raw_batch{batch_size}": top_level.throughput / raw[batch_size]["throughput"],
+        f"served_c{top}_over_raw_best": top_level.throughput / max(r["throughput"] for r in raw.values()),
         "p50_c1_minus_raw_single_ms": (single.p50_ms - 1000 * raw[1]["seconds_per_batch"])
         if single
         else None,
@@ -441,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         "batching": [asdict(level) for level in batched],
         "no_batching": [asdict(level) for level in unbatched],
         "raw_forward": {str(k): v for k, v in raw.items()},
+        "raw_forward_runs": [{str(k): v for k, v in run.items()} for run in raw_runs],
         "ratios": ratios,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

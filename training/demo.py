@@ -3,6 +3,9 @@
 Segmentation: when DIR holds no segmentation checkpoint, a dental-X-ray-like phantom set is generated with
 ``training.synthetic`` and a small U-Net is trained on it on the CPU in a few minutes (bounded by a time
 limit), then saved as ``DIR/dental.pt``. Existing models are never retrained.
+
+Classification: likewise, a benign/malignant lesion phantom set (``training.lesions``) and a small classifier,
+saved as ``DIR/lesions.pt``.
 """
 
 from __future__ import annotations
@@ -90,10 +93,25 @@ def segmentation_demo(model_dir: Path, seed: int, device: str) -> str:
     )
 
 
+def classification_demo(model_dir: Path, seed: int, device: str) -> str:
+    """Trains ``model_dir/lesions.pt`` on lesion phantoms unless a classification model exists."""
+    from training.demo_classify import build_demo_classifier
+
+    found = existing_models(model_dir, "classification")
+    if found:
+        return f"classification: found {', '.join(str(p) for p in found)}; nothing to do"
+    started = time.monotonic()
+    path = build_demo_classifier(model_dir, seed=seed)
+    return (
+        f"classification: trained a lesion classifier (benign vs malignant phantoms) in "
+        f"{time.monotonic() - started:.0f} s; wrote {path}"
+    )
+
+
 # Each demo step takes (model_dir, seed, device) and returns a one-line summary.
 DEMOS: list[tuple[str, Callable[[Path, int, str], str]]] = [
     ("segmentation", segmentation_demo),
-    # >>> classification demo hook: the lead adds ("classification", classification_demo) here. <<<
+    ("classification", classification_demo),
 ]
 
 

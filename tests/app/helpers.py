@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,20 @@ class MeanClassifier(nn.Module):
         return torch.stack([-self.scale * m, self.scale * m], dim=1)
 
 
+class SleepyNet(PixelNet):
+    """PixelNet whose forward also sleeps ``base + per_item * B + quadratic * B**2`` seconds for a batch of B:
+    a model with a known cost per batch size, for the batch-size tuning."""
+
+    def __init__(self, base: float = 0.0, per_item: float = 0.0, quadratic: float = 0.0) -> None:
+        super().__init__()
+        self.cost = (base, per_item, quadratic)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base, per_item, quadratic = self.cost
+        time.sleep(base + per_item * x.shape[0] + quadratic * x.shape[0] ** 2)
+        return super().forward(x)
+
+
 def _slow_build(**kwargs: Any) -> nn.Module:
     BUILD_GATE.wait(SAFETY_S)
     return PixelNet(**kwargs)
@@ -93,6 +108,7 @@ def _slow_build(**kwargs: Any) -> nn.Module:
 register_architecture("test-pixel", lambda **kw: PixelNet(**kw))
 register_architecture("test-slow-build", _slow_build)
 register_architecture("test-mean-classifier", lambda **kw: MeanClassifier(**kw))
+register_architecture("test-sleepy", lambda **kw: SleepyNet(**kw))
 
 
 def save_pixel_model(
@@ -106,8 +122,12 @@ def save_pixel_model(
     **args: Any,
 ) -> CheckpointMetadata:
     """Saves a ``PixelNet`` segmentation checkpoint (1 channel, mean 0.5, std 0.25, tiles of ``tile``)."""
-    arch_args = {"weights": list(weights), "biases": None if biases is None else list(biases), **args}
-    model = PixelNet(**arch_args)
+    if architecture == "test-sleepy":
+        arch_args = dict(args)
+        model: nn.Module = SleepyNet(**arch_args)
+    else:
+        arch_args = {"weights": list(weights), "biases": None if biases is None else list(biases), **args}
+        model = PixelNet(**arch_args)
     meta = CheckpointMetadata(
         task="segmentation",
         architecture=Architecture(name=architecture, args=arch_args),
@@ -171,7 +191,13 @@ def decode_png(data: bytes) -> np.ndarray:
 
 def settings(model_dir: Path, **overrides: Any) -> Settings:
     """Service settings for tests: small thread pool, short delays unless a test says otherwise."""
-    values: dict[str, Any] = {"model_dir": model_dir, "decode_workers": 2, "max_batch_delay_ms": 20.0}
+    # Batch-size tuning off: tests need MAX_BATCH_SIZE as given, whatever the machine's timings.
+    values: dict[str, Any] = {
+        "model_dir": model_dir,
+        "decode_workers": 2,
+        "max_batch_delay_ms": 20.0,
+        "batch_autotune": False,
+    }
     values.update(overrides)
     return Settings(**values)
 

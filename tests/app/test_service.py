@@ -110,6 +110,33 @@ async def test_warmup_runs_the_model_before_ready(tmp_path: Path) -> None:
         assert [len(batch) for batch in SEEN["warmup"]] == [1, 4]
 
 
+@pytest.mark.parametrize(
+    ("cost", "chosen"),
+    [
+        ({"base": 0.05, "per_item": 0.001}, 8),  # fixed cost per batch: the largest batch is fastest
+        ({"quadratic": 0.005}, 1),  # slower per image as batches grow (memory-bound): batches of 1
+    ],
+)
+async def test_batch_size_is_tuned_at_warmup_to_the_fastest(
+    tmp_path: Path, cost: dict[str, Any], chosen: int
+) -> None:
+    save_pixel_model(tmp_path / "sleepy.pt", architecture="test-sleepy", **cost)
+    config = settings(tmp_path, max_batch_size=8, batch_autotune=True, max_batch_delay_ms=200)
+    images = [random_image(8, 8, seed=i) for i in range(12)]
+    async with serve(config) as (app, client):
+        info = (await client.get("/models")).json()["models"][0]
+        responses = await asyncio.gather(
+            *(client.post("/segment", content=encode_image(a), headers=PNG) for a in images)
+        )
+        sizes = app.state.registry.models["sleepy"].batcher.stats.batch_sizes
+    assert info["batch_autotune"]["chosen"] == chosen
+    assert info["stats"]["max_batch_size"] == chosen
+    assert set(info["batch_autotune"]["images_per_second"]) <= {"1", "2", "4", "8"}
+    assert max(sizes) <= chosen
+    for image, response in zip(images, responses, strict=True):
+        np.testing.assert_array_equal(decode_png(response.content), expected_binary_mask(image))
+
+
 async def test_client_that_disconnects_while_queued_is_dropped_before_inference(
     tmp_path: Path, gate: threading.Event
 ) -> None:
