@@ -68,11 +68,27 @@ def test_info_prints_the_metadata_as_json(tmp_path, capsys):
     assert "bad.pt" in capsys.readouterr().err
 
 
-def test_demo_skips_training_when_a_segmentation_model_exists(tmp_path, capsys):
+def _save_classifier(path):
+    from models.classifier import Classifier
+
+    args = {"backbone": "resnet18", "num_classes": 2, "in_channels": 1, "head": "gap"}
+    meta = CheckpointMetadata(
+        task="classification",
+        architecture=Architecture(name="classifier", args=args),
+        classes=["benign", "malignant"],
+        preprocessing=Preprocessing(in_channels=1, img_size=(32, 32), resize="resize"),
+    )
+    return save_checkpoint(path, Classifier(**args), meta)
+
+
+def test_demo_skips_training_when_models_of_both_tasks_exist(tmp_path, capsys):
     _save(tmp_path / "mine.pt")
+    _save_classifier(tmp_path / "lesions-of-mine.pt")
     (tmp_path / "junk.pt").write_text("not a checkpoint")  # ignored, not fatal
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     assert cli_main(["demo", "--model-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "mine.pt" in out and "nothing to do" in out
+    assert "segmentation: found" in out and "mine.pt" in out
+    assert "classification: found" in out and "lesions-of-mine.pt" in out
+    assert out.count("nothing to do") == 2
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
