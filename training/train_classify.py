@@ -115,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(INTENSITY_POLICIES),
         default=DEFAULT_INTENSITY,
         help="how image samples map to [0, 1], stored and reapplied when serving: dicom-window (default: "
-        "DICOM VOI LUT/window when present) or ignore-window (DICOM min-max like 16-bit PNG); docs/formats.md",
+        "DICOM VOI LUT/window when present) or ignore-window (DICOM min-max like 16-bit PNG); README section 'Image formats'",
     )
     data.add_argument(
         "--cache-mb", type=float, default=4096, help="keep decoded images in memory up to this size"

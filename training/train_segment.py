@@ -137,7 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(INTENSITY_POLICIES),
         default=DEFAULT_INTENSITY,
         help="how image samples map to [0, 1], stored and reapplied when serving: dicom-window (default: "
-        "DICOM VOI LUT/window when present) or ignore-window (DICOM min-max like 16-bit PNG); docs/formats.md",
+        "DICOM VOI LUT/window when present) or ignore-window (DICOM min-max like 16-bit PNG); README section 'Image formats'",
     )
     parser.add_argument(
         "--val-tta", action="store_true", help="flip test-time augmentation during validation"
