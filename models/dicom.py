@@ -101,9 +101,10 @@ def _check_deflated(data: bytes, max_pixels: int | None) -> None:
     try:
         read_preamble(fp, False)
         meta = _read_file_meta_info(fp)
+        deflated = meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
     except Exception:  # let dcmread report the problem with its usual mapping
         return
-    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+    if not deflated:
         return
     limit = max_pixels * _BYTES_PER_PIXEL_BOUND + _DEFLATE_HEADER_ALLOWANCE
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -125,7 +126,15 @@ def _read_dataset(data: bytes, *, stop_before_pixels: bool = False, max_pixels: 
         )
     _check_deflated(data, max_pixels)
     try:
-        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels, force=False)
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels, force=False)
+        # pydicom converts element values lazily, on first access; a damaged element (unknown VR, a length that
+        # is not a multiple of the value size) would then raise wherever it is first read (in the pipeline, or
+        # in the DICOM SEG writer). Convert every element now, so damage is found here and answered as 400.
+        for _element in ds.iterall():
+            pass
+        for _element in getattr(ds, "file_meta", Dataset()).iterall():
+            pass
+        return ds
     except InvalidDicomError as exc:
         raise ImageError("the data is not a valid DICOM file") from exc
     except Exception as exc:  # pydicom raises many types for corrupt files

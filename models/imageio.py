@@ -21,6 +21,7 @@ Errors are typed so the HTTP layer can map them to status codes without inspecti
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,23 @@ def looks_like_dicom(content_type: str | None, filename: str | None) -> bool:
     return ct == "application/dicom" or (filename or "").lower().endswith(DICOM_SUFFIXES)
 
 
+# What PIL's decoders raise for damaged files (a TIFF with a corrupt tag table raises TypeError "Missing
+# dimensions"; struct.error is raised by header parsers). All mean the client's bytes are bad: 400, not 500.
+_PIL_DECODE_ERRORS: tuple[type[Exception], ...] = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    TypeError,
+    IndexError,
+    KeyError,
+    ZeroDivisionError,
+    struct.error,
+)
+_MASK_READ_ERRORS: tuple[type[Exception], ...] = (Image.DecompressionBombError, *_PIL_DECODE_ERRORS)
+
+
 def _check_pixels(height: int, width: int, max_pixels: int | None) -> None:
     if height <= 0 or width <= 0:
         raise ImageError(f"image has no pixels ({width}x{height})")
@@ -220,7 +238,10 @@ def image_size(data: bytes, *, max_pixels: int | None = None) -> tuple[int, int]
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.height, img.width
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        # PIL refuses headers above twice its own limit (about 179 M pixels) while opening them.
+        raise ImageTooLargeError("the image header declares more pixels than any limit allows") from exc
+    except _PIL_DECODE_ERRORS as exc:
         raise ImageError("the data is not a readable image") from exc
 
 
@@ -275,7 +296,7 @@ def read_image(
         raise
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(str(exc)) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except _PIL_DECODE_ERRORS as exc:
         raise ImageError("the data is not a readable image (corrupt or truncated file)") from exc
     return DecodedImage(np.ascontiguousarray(pixels, dtype=np.float32), fmt, bits, normalization=how)
 
@@ -302,7 +323,7 @@ def read_mask_file(path: str | Path) -> np.ndarray:
             opened.load()
             # Grey or palette index plus alpha: the first band holds the labels.
             arr = np.asarray(opened.getchannel(0) if opened.mode in ("LA", "PA") else opened)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except _MASK_READ_ERRORS as exc:
         raise ImageError(f"mask {path} is not a readable image") from exc
     if arr.ndim == 3:
         rgb = arr[:, :, :3]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import struct
 import warnings
 from typing import Any
 
@@ -310,6 +311,32 @@ def test_data_claiming_to_be_dicom_but_not_dicom_is_a_client_error(
     with pytest.raises(ImageError) as excinfo:
         read_image(data, content_type=content_type, filename=filename)
     assert type(excinfo.value) is ImageError  # 400, not one of the 413/415/422 subclasses
+
+
+def damage_explicit_vr(data: bytes, tag: tuple[int, int], vr: bytes, new_vr: bytes) -> bytes:
+    """Rewrites the two VR bytes of an explicit-VR little-endian element (found by its tag and VR)."""
+    key = struct.pack("<HH", *tag) + vr
+    assert data.count(key) == 1
+    return data.replace(key, struct.pack("<HH", *tag) + new_vr)
+
+
+@pytest.mark.parametrize(
+    ("tag", "vr", "new_vr"),
+    [
+        ((0x0002, 0x0010), b"UI", b"U&"),  # file meta: TransferSyntaxUID with an unknown VR
+        ((0x0020, 0x000E), b"UI", b"U&"),  # SeriesInstanceUID with an unknown VR
+        ((0x0028, 0x0010), b"US", b"UL"),  # Rows: 2 bytes cannot hold a 4-byte UL
+    ],
+)
+def test_damaged_elements_are_a_client_error_wherever_they_are(
+    tag: tuple[int, int], vr: bytes, new_vr: bytes
+):
+    # pydicom converts values lazily and would raise NotImplementedError / BytesLengthException on first use.
+    data = damage_explicit_vr(make_dicom(anatomy(4, 4)), tag, vr, new_vr)
+    for read in (read_image, image_size):
+        with pytest.raises(ImageError) as excinfo:
+            read(data, max_pixels=10**6)  # a limit also makes the deflate check read the file meta
+        assert type(excinfo.value) is ImageError
 
 
 def test_pixel_limit_is_checked_from_the_header_before_decoding():

@@ -136,6 +136,43 @@ def test_pixel_limit_is_checked_before_decoding():
     assert image_size(data) == (4000, 5000)
 
 
+def test_header_beyond_pils_own_bomb_limit_is_too_large_not_a_crash():
+    # PIL refuses to open headers above twice Image.MAX_IMAGE_PIXELS (about 179 M pixels) whatever our limit.
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\x00" * 10))
+    with pytest.raises(ImageTooLargeError):
+        image_size(data)
+    with pytest.raises(ImageTooLargeError):
+        read_image(data)
+
+
+def tiff_with_damaged_second_page() -> bytes:
+    """A 2x2 grey TIFF whose next-page pointer leads to a page without ImageWidth/ImageLength."""
+    pixels = bytes([0, 85, 170, 255])
+
+    def ifd(entries: list[tuple[int, int, int, int]], next_offset: int) -> bytes:
+        out = struct.pack("<H", len(entries))
+        for tag, kind, count, value in entries:
+            out += struct.pack("<HHII", tag, kind, count, value)
+        return out + struct.pack("<I", next_offset)
+
+    first_at = 8 + len(pixels)
+    # width, length, bits, no compression, min-is-black, strip offset, 1 sample, rows per strip, strip bytes
+    first = [(256, 4, 1, 2), (257, 4, 1, 2), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1)]
+    first += [(273, 4, 1, 8), (277, 3, 1, 1), (278, 4, 1, 2), (279, 4, 1, 4)]
+    second_at = first_at + 2 + 12 * len(first) + 4
+    return (
+        b"II*\x00" + struct.pack("<I", first_at) + pixels + ifd(first, second_at) + ifd([(259, 3, 1, 1)], 0)
+    )
+
+
+def test_damaged_tiff_page_table_is_a_client_error():
+    # PIL raises TypeError("Missing dimensions") for such a page; the reader must answer 400, not crash.
+    with pytest.raises(ImageError) as excinfo:
+        read_image(tiff_with_damaged_second_page())
+    assert type(excinfo.value) is ImageError
+
+
 def test_multi_page_tiff_is_unprocessable():
     pages = [Image.fromarray(np.full((4, 4), v, dtype=np.uint8)) for v in (0, 255)]
     buffer = io.BytesIO()
