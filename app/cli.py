@@ -94,7 +94,6 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.logs import configure_logging
-    from app.main import create_app
 
     # The whole process logs through the service's handler (JSON by default), uvicorn's own lines included.
     configure_logging(settings.log_format, settings.log_level, whole_process=True)
@@ -109,6 +108,8 @@ def main(args: argparse.Namespace) -> int:
         "timeout_graceful_shutdown": math.ceil(settings.shutdown_timeout_s),
     }
     if settings.workers == 1:
+        from app.main import create_app  # here only: a supervisor of several workers needs no torch
+
         # uvicorn handles SIGTERM/SIGINT while it serves, then re-raises the signal once it has shut down
         # gracefully; by then everything accepted was answered, so the re-raised signal is ignored and the
         # command exits with status 0 (an orchestrator reads that as a clean stop).

@@ -153,8 +153,17 @@ class Service:
         return self.process.pid
 
     def worker_pids(self) -> list[int]:
-        """The processes that serve: the uvicorn workers, or the process itself with one worker."""
-        return children(self.pid) or [self.pid]
+        """The processes that serve: the uvicorn workers (spawned by multiprocessing; its resource tracker is
+        not one), or the process itself with one worker."""
+        workers = []
+        for pid in children(self.pid):
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue
+            if b"spawn_main" in command:
+                workers.append(pid)
+        return workers or [self.pid]
 
     async def wait_ready(self, headers: dict[str, str] | None = None) -> float:
         """Polls /health/ready; returns the seconds it took."""

@@ -115,7 +115,9 @@ def malformed_requests() -> list[Planned]:
         Planned(
             "truncated-png", "POST", "/segment", content=good[: len(good) // 2], headers=raw_png, expect=400
         ),
-        Planned("wrong-magic", "POST", "/segment", content=b"GIF89a" + good[6:], headers=raw_png, expect=400),
+        Planned(
+            "wrong-magic", "POST", "/segment", content=b"\x89PNX" + good[4:], headers=raw_png, expect=400
+        ),
         Planned(
             "random-bytes",
             "POST",

@@ -37,8 +37,14 @@ async def measure(model_dir: Path, workers: int, requests: int, settle_s: float)
     )
     try:
         ready_s = await service.wait_ready()
-        async with httpx.AsyncClient(base_url=service.base, timeout=300.0) as client:
-            models = (await client.get("/models")).json()["models"]
+        # /health/ready answered from one worker; the others may still be loading. Wait until 3N fresh
+        # connections in a row (spread over the workers by the kernel) find every model loaded.
+        in_a_row = 0
+        while in_a_row < 3 * workers:
+            async with httpx.AsyncClient(base_url=service.base, timeout=300.0) as fresh:
+                models = (await fresh.get("/models")).json()["models"]
+            in_a_row = in_a_row + 1 if all(m["status"] != "loading" for m in models) else 0
+            await asyncio.sleep(0.1)
         served = [m for m in models if m["status"] == "ready"]
         for model in served:
             endpoint = "/segment" if model["task"] == "segmentation" else "/classify"
@@ -47,7 +53,8 @@ async def measure(model_dir: Path, workers: int, requests: int, settle_s: float)
             if model["in_channels"] == 3:
                 image = np.stack([image] * 3, axis=2)
             body = png(image)
-            for _ in range(requests):
+            done = 0
+            while done < requests:
                 # A new connection each time: the kernel spreads them over the workers.
                 async with httpx.AsyncClient(base_url=service.base, timeout=300.0) as fresh:
                     response = await fresh.post(
@@ -55,7 +62,11 @@ async def measure(model_dir: Path, workers: int, requests: int, settle_s: float)
                         content=body,
                         headers={"content-type": "image/png"},
                     )
-                    response.raise_for_status()
+                if response.status_code == 503:  # a worker still starting (should not happen after the wait)
+                    await asyncio.sleep(0.5)
+                    continue
+                response.raise_for_status()
+                done += 1
         await asyncio.sleep(settle_s)
         worker_pids = service.worker_pids()
         per_worker = [memory_kib(pid) for pid in worker_pids]
