@@ -9,6 +9,7 @@ deploy/nginx/medserve.conf with its upstream servers and listen port rewritten t
 from __future__ import annotations
 
 import io
+import re
 import signal
 import subprocess
 import threading
@@ -133,6 +134,16 @@ def test_image_command_answers_ready_and_its_healthcheck_passes(replicas: list[S
 
     assert healthcheck(service.port) == 0
     assert healthcheck(free_port()) != 0  # nothing listens there: the check reports unhealthy
+
+
+def test_nginx_passes_the_clients_request_id_or_makes_one(nginx: Service) -> None:
+    with httpx.Client(timeout=30) as client:
+        kept = client.get(nginx.url + "/models", headers={"X-Request-ID": "ris-order-4711"})
+        made = [client.get(nginx.url + "/models") for _ in range(2)]
+    assert kept.status_code == 200 and kept.headers["x-request-id"] == "ris-order-4711"
+    ids = [r.headers["x-request-id"] for r in made]
+    # nginx's $request_id (32 hex digits), a new one per request, reached the service and came back.
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids) and ids[0] != ids[1], ids
 
 
 def test_nginx_spreads_requests_and_losing_a_replica_loses_no_request(
