@@ -123,6 +123,24 @@ def _model_headers(handle: ModelHandle) -> dict[str, str]:
     return {"X-Model-Name": handle.name, "X-Model-Version": runner.version}
 
 
+def _image_responses(ok: dict[str, Any]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses of an image endpoint: ``ok`` (what a 200 carries) with the headers naming the model,
+    and the problems any image request can meet."""
+    return {
+        200: {
+            **ok,
+            "headers": {
+                "X-Model-Name": {"description": "model that answered", "schema": {"type": "string"}},
+                "X-Model-Version": {
+                    "description": "its version (content hash)",
+                    "schema": {"type": "string"},
+                },
+            },
+        },
+        **problem_responses(400, 404, 413, 415, 422, 500, 503, 504),
+    }
+
+
 SEGMENT_DESCRIPTION = """Segments one image and returns the mask at the image's original size.
 
 Send the image as multipart field `file` (`curl -F file=@scan.png`) or as the raw body with its content type
@@ -145,8 +163,8 @@ Headers `X-Model-Name` and `X-Model-Version` name the model that answered.
     summary="Segment an image",
     description=SEGMENT_DESCRIPTION,
     response_class=Response,
-    responses={
-        200: {
+    responses=_image_responses(
+        {
             "description": "the mask (PNG), the overlay (PNG), the summary (JSON) or a DICOM SEG",
             "content": {
                 "image/png": {"schema": {"type": "string", "format": "binary"}},
@@ -179,16 +197,8 @@ Headers `X-Model-Name` and `X-Model-Version` name the model that answered.
                     },
                 },
             },
-            "headers": {
-                "X-Model-Name": {"description": "model that answered", "schema": {"type": "string"}},
-                "X-Model-Version": {
-                    "description": "its version (content hash)",
-                    "schema": {"type": "string"},
-                },
-            },
-        },
-        **problem_responses(400, 404, 413, 415, 422, 500, 503, 504),
-    },
+        }
+    ),
     openapi_extra=image_request_body(multiple=False),
 )
 async def segment(
@@ -258,8 +268,8 @@ image's problem (400 for an unreadable file) and the detail names the file; no o
     summary="Classify images",
     description=CLASSIFY_DESCRIPTION,
     response_model=ClassifyResponse,
-    responses={
-        200: {
+    responses=_image_responses(
+        {
             "content": {
                 "application/json": {
                     "example": {
@@ -275,16 +285,8 @@ image's problem (400 for an unreadable file) and the detail names the file; no o
                     }
                 }
             },
-            "headers": {
-                "X-Model-Name": {"description": "model that answered", "schema": {"type": "string"}},
-                "X-Model-Version": {
-                    "description": "its version (content hash)",
-                    "schema": {"type": "string"},
-                },
-            },
-        },
-        **problem_responses(400, 404, 413, 415, 422, 500, 503, 504),
-    },
+        }
+    ),
     openapi_extra=image_request_body(multiple=True),
 )
 async def classify(

@@ -133,6 +133,13 @@ class Runner(ABC, Generic[InputT, OutputT]):
         self.device = device
         self.precision = precision
         self.forward_batch_size = forward_batch_size
+        self.check_metadata()
+
+    def check_metadata(self) -> None:
+        """Task-specific checks of the checkpoint (and settings read from it), run at the end of ``__init__``.
+
+        Raises ``models.checkpoint.CheckpointError`` for a checkpoint the runner cannot serve.
+        """
 
     @property
     def classes(self) -> list[str]:
@@ -227,23 +234,11 @@ class SegmentationRunner(Runner[SegmentationInput, torch.Tensor]):
 
     task = "segmentation"
 
-    def __init__(
-        self,
-        name: str,
-        model: nn.Module,
-        metadata: CheckpointMetadata,
-        *,
-        device: torch.device,
-        precision: Precision,
-        forward_batch_size: int,
-    ) -> None:
-        super().__init__(
-            name, model, metadata, device=device, precision=precision, forward_batch_size=forward_batch_size
-        )
-        if len(metadata.classes) < 2:
+    def check_metadata(self) -> None:
+        if len(self.metadata.classes) < 2:
             raise CheckpointError(
-                f"{name}: a segmentation model needs at least 2 classes (background included), "
-                f"got {metadata.classes}"
+                f"{self.name}: a segmentation model needs at least 2 classes (background included), "
+                f"got {self.metadata.classes}"
             )
 
     @property
@@ -470,27 +465,18 @@ class ClassificationRunner(Runner[ClassificationInput, np.ndarray]):
     """
 
     task = "classification"
+    temperature: float  # set by check_metadata
 
-    def __init__(
-        self,
-        name: str,
-        model: nn.Module,
-        metadata: CheckpointMetadata,
-        *,
-        device: torch.device,
-        precision: Precision,
-        forward_batch_size: int,
-    ) -> None:
-        super().__init__(
-            name, model, metadata, device=device, precision=precision, forward_batch_size=forward_batch_size
-        )
-        temperature = metadata.extra.get("temperature", 1.0)
+    def check_metadata(self) -> None:
+        temperature = self.metadata.extra.get("temperature", 1.0)
         if (
             not isinstance(temperature, int | float)
             or not math.isfinite(float(temperature))
             or float(temperature) <= 0
         ):
-            raise CheckpointError(f"{name}: extra.temperature must be a positive number, got {temperature!r}")
+            raise CheckpointError(
+                f"{self.name}: extra.temperature must be a positive number, got {temperature!r}"
+            )
         self.temperature = float(temperature)
 
     def decode(

@@ -49,7 +49,7 @@ from models.classifier import (
     normalization_stats,
     probabilities,
 )
-from models.imageio import DEFAULT_INTENSITY, INTENSITY_POLICIES, resolve_intensity
+from models.imageio import resolve_intensity
 from models.inference import resolve_device
 from models.preprocessing import Preprocessing
 from training.data_classify import (
@@ -64,6 +64,7 @@ from training.data_classify import (
     discover,
 )
 from training.eval_classify import classification_metrics, predict_logits
+from training.options import add_intensity_argument, json_args
 from training.plots import plot_history
 
 log = logging.getLogger(__name__)
@@ -110,13 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--in-channels", default="auto", choices=("auto", "1", "3"), help="auto: 1 if images are gray"
     )
-    data.add_argument(
-        "--intensity",
-        choices=sorted(INTENSITY_POLICIES),
-        default=DEFAULT_INTENSITY,
-        help="how image samples map to [0, 1], stored and reapplied when serving: dicom-window (default: "
-        "DICOM VOI LUT/window when present) or ignore-window (DICOM min-max like 16-bit PNG); README section 'Image formats'",
-    )
+    add_intensity_argument(data)
     data.add_argument(
         "--cache-mb", type=float, default=4096, help="keep decoded images in memory up to this size"
     )
@@ -201,19 +196,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _json_args(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in vars(args).items():
-        if key.startswith("_") or callable(value):
-            continue
-        if isinstance(value, Path):
-            value = str(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[key] = value
-    return out
 
 
 @dataclass
@@ -424,7 +406,7 @@ def train(args: argparse.Namespace) -> TrainResult:
             architecture=Architecture(name="classifier", args=model.architecture_args()),
             classes=data.classes,
             preprocessing=spec,
-            training=_json_args(args),
+            training=json_args(args),
             metrics={"epoch": epoch, **metrics},
             data_fingerprint=fingerprint,
             extra={

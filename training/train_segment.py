@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from models.checkpoint import Architecture, CheckpointMetadata, save_checkpoint
-from models.imageio import DEFAULT_INTENSITY, INTENSITY_POLICIES, resolve_intensity
+from models.imageio import resolve_intensity
 from models.inference import Precision, resolve_device
 from models.preprocessing import Preprocessing, prepare
 from models.unet import NORMS, UNet
@@ -36,6 +36,7 @@ from training import data as D
 from training.engine import evaluate, train_one_epoch
 from training.losses import DiceCELoss
 from training.metrics import ImageScores, aggregate
+from training.options import add_intensity_argument, json_args
 from training.plots import plot_history
 from training.transforms import SegmentationAugment
 
@@ -132,13 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tile-overlap", type=float, default=0.25, help="overlap of inference tiles (stored)"
     )
-    parser.add_argument(
-        "--intensity",
-        choices=sorted(INTENSITY_POLICIES),
-        default=DEFAULT_INTENSITY,
-        help="how image samples map to [0, 1], stored and reapplied when serving: dicom-window (default: "
-        "DICOM VOI LUT/window when present) or ignore-window (DICOM min-max like 16-bit PNG); README section 'Image formats'",
-    )
+    add_intensity_argument(parser)
     parser.add_argument(
         "--val-tta", action="store_true", help="flip test-time augmentation during validation"
     )
@@ -268,19 +263,6 @@ def prepare_data(args: argparse.Namespace) -> Prepared:
         [D.encode_mask(m, mode) for m in train.masks],
         [D.encode_mask(m, mode) for m in val.masks],
     )
-
-
-def _json_args(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in vars(args).items():
-        if key.startswith("_") or callable(value):
-            continue
-        if isinstance(value, Path):
-            value = str(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[key] = value
-    return out
 
 
 def state_path(out: Path) -> Path:
@@ -510,7 +492,7 @@ def _metadata(
 ) -> CheckpointMetadata:
     metrics = {key.removeprefix("val_"): value for key, value in row.items() if key.startswith("val_")}
     metrics.update({"epoch": row["epoch"], "train_loss": row["train_loss"], "evaluated_on": "validation"})
-    training = _json_args(args)
+    training = json_args(args)
     training.update(
         {
             "world_size": info.world,

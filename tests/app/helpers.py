@@ -7,7 +7,7 @@ import contextlib
 import io
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,20 @@ SEEN: dict[str, list[list[float]]] = {}
 # Building a "slow-build" model waits here: lets a test observe the service before its models are loaded.
 BUILD_GATE = threading.Event()
 SAFETY_S = 60.0  # a gate left closed by a failing test must not hang the suite
+
+PNG = {"content-type": "image/png"}  # headers of a raw-body PNG upload
+
+
+@contextlib.contextmanager
+def open_gate(name: str) -> Iterator[threading.Event]:
+    """Registers ``GATES[name]``, open: a test closes it to hold the models gated on it busy. Opened again on
+    exit, so that a failing test leaves no model waiting."""
+    GATES[name] = gate = threading.Event()
+    gate.set()
+    try:
+        yield gate
+    finally:
+        gate.set()
 
 
 class PixelNet(nn.Module):
@@ -136,6 +150,15 @@ def save_pixel_model(
         metrics={"dice": 0.9},
     )
     return save_checkpoint(path, model, meta)
+
+
+@contextlib.contextmanager
+def gated_pixel_model(directory: Path, gate: str) -> Iterator[Path]:
+    """Saves ``directory/gated.pt``, a PixelNet whose forward waits for ``GATES[gate]`` (open unless a test
+    closes it, see ``open_gate``), and yields ``directory``."""
+    with open_gate(gate):
+        save_pixel_model(directory / "gated.pt", gate=gate)
+        yield directory
 
 
 def save_unet(path: Path, tile: tuple[int, int] = (32, 32)) -> CheckpointMetadata:

@@ -12,6 +12,7 @@ import pytest
 from models.checkpoint import Architecture, CheckpointMetadata, save_checkpoint
 from models.preprocessing import Preprocessing
 from tests.app.helpers import (
+    PNG,
     assert_problem,
     encode_image,
     random_image,
@@ -22,8 +23,6 @@ from tests.app.helpers import (
 )
 
 pytestmark = pytest.mark.anyio
-
-PNG = {"content-type": "image/png"}
 
 
 def expected_bright(image: np.ndarray, scale: float = 4.0, temperature: float = 2.0) -> float:

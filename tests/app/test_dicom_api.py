@@ -19,6 +19,7 @@ from pydicom.encaps import encapsulate
 from models import dicom
 from models.checkpoint import load_model, save_checkpoint
 from tests.app.helpers import (
+    PNG,
     assert_problem,
     decode_png,
     encode_image,
@@ -36,7 +37,6 @@ pytestmark = [
 ]
 
 DICOM = {"content-type": "application/dicom"}
-PNG = {"content-type": "image/png"}
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 THREE = ("background", "tissue", "bone")
 PATIENT_ID = "MRN-0042"  # make_dataset's PatientID
@@ -68,12 +68,6 @@ def seg_of(data: bytes, source: Dataset) -> tuple[Dataset, np.ndarray]:
     seg = hd.seg.segread(io.BytesIO(data))
     labels = seg.get_pixels_by_source_instance([source.SOPInstanceUID], combine_segments=True)[0]
     return pydicom.dcmread(io.BytesIO(data)), labels
-
-
-@pytest.fixture
-def pixel_dir(tmp_path: Path) -> Path:
-    save_pixel_model(tmp_path / "pixel.pt")
-    return tmp_path
 
 
 @pytest.fixture

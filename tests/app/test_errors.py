@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -11,10 +10,11 @@ import pytest
 
 from tests.app.helpers import (
     GATES,
+    PNG,
     assert_problem,
     encode_image,
+    gated_pixel_model,
     random_image,
-    save_pixel_model,
     serve,
     settings,
     wait_until,
@@ -22,27 +22,18 @@ from tests.app.helpers import (
 
 pytestmark = pytest.mark.anyio
 
-PNG = {"content-type": "image/png"}
-
-
-@pytest.fixture
-def model_dir(tmp_path: Path) -> Path:
-    save_pixel_model(tmp_path / "pixel.pt")
-    return tmp_path
+SMALL_PNG = encode_image(random_image(8, 8, 0))  # a readable image
 
 
 @pytest.fixture
 def gated_dir(tmp_path: Path) -> Iterator[Path]:
     """A model whose forward waits for GATES['errors'] (open unless a test closes it)."""
-    GATES["errors"] = gate = threading.Event()
-    gate.set()
-    save_pixel_model(tmp_path / "gated.pt", gate="errors")
-    yield tmp_path
-    gate.set()
+    with gated_pixel_model(tmp_path, "errors") as directory:
+        yield directory
 
 
-async def test_unreadable_image_is_400(model_dir: Path) -> None:
-    async with serve(settings(model_dir)) as (_, client):
+async def test_unreadable_image_is_400(pixel_dir: Path) -> None:
+    async with serve(settings(pixel_dir)) as (_, client):
         response = await client.post("/segment", content=b"\x89PNG\r\n\x1a\n garbage", headers=PNG)
         assert_problem(response, 400, "invalid-image")
         # A text file sent as a multipart upload is no image either.
@@ -50,19 +41,17 @@ async def test_unreadable_image_is_400(model_dir: Path) -> None:
         assert_problem(response, 400, "invalid-image")
 
 
-async def test_unknown_model_is_404(model_dir: Path) -> None:
-    async with serve(settings(model_dir)) as (_, client):
-        response = await client.post(
-            "/segment?model=nope", content=encode_image(random_image(8, 8, 0)), headers=PNG
-        )
+async def test_unknown_model_is_404(pixel_dir: Path) -> None:
+    async with serve(settings(pixel_dir)) as (_, client):
+        response = await client.post("/segment?model=nope", content=SMALL_PNG, headers=PNG)
         body = assert_problem(response, 404, "model-not-found")
         assert "pixel" in body["detail"]  # says what is available
         assert_problem(await client.get("/no-such-endpoint"), 404, "not-found")
 
 
-async def test_too_many_bytes_is_413_before_the_body_is_read(model_dir: Path) -> None:
+async def test_too_many_bytes_is_413_before_the_body_is_read(pixel_dir: Path) -> None:
     data = encode_image(random_image(64, 64, seed=1))
-    async with serve(settings(model_dir, max_upload_bytes=1024)) as (_, client):
+    async with serve(settings(pixel_dir, max_upload_bytes=1024)) as (_, client):
         declared = await client.post("/segment", content=data, headers=PNG)
         assert_problem(declared, 413, "payload-too-large")
 
@@ -76,8 +65,8 @@ async def test_too_many_bytes_is_413_before_the_body_is_read(model_dir: Path) ->
         assert_problem(multipart, 413, "payload-too-large")
 
 
-async def test_too_many_pixels_is_413(model_dir: Path) -> None:
-    async with serve(settings(model_dir, max_pixels=100)) as (_, client):
+async def test_too_many_pixels_is_413(pixel_dir: Path) -> None:
+    async with serve(settings(pixel_dir, max_pixels=100)) as (_, client):
         response = await client.post("/segment", content=encode_image(random_image(11, 10, 0)), headers=PNG)
         body = assert_problem(response, 413, "payload-too-large")
         assert "100" in body["detail"]
@@ -85,16 +74,16 @@ async def test_too_many_pixels_is_413(model_dir: Path) -> None:
         assert ok.status_code == 200
 
 
-async def test_unsupported_content_type_is_415(model_dir: Path) -> None:
-    async with serve(settings(model_dir)) as (_, client):
+async def test_unsupported_content_type_is_415(pixel_dir: Path) -> None:
+    async with serve(settings(pixel_dir)) as (_, client):
         response = await client.post("/segment", content=b"{}", headers={"content-type": "application/json"})
         assert_problem(response, 415, "unsupported-media-type")
         response = await client.post("/segment", content=b"abc")  # a body without any content type
         assert_problem(response, 415, "unsupported-media-type")
 
 
-async def test_missing_file_is_422(model_dir: Path) -> None:
-    async with serve(settings(model_dir)) as (_, client):
+async def test_missing_file_is_422(pixel_dir: Path) -> None:
+    async with serve(settings(pixel_dir)) as (_, client):
         wrong_field = await client.post("/segment", files={"image": ("a.png", b"x", "image/png")})
         assert_problem(wrong_field, 422, "missing-file")
         empty = await client.post("/segment", content=b"", headers=PNG)
@@ -107,22 +96,20 @@ async def test_missing_file_is_422(model_dir: Path) -> None:
         assert_problem(text_field, 422, "missing-file")
 
 
-async def test_invalid_parameter_is_422_with_the_parameter_named(model_dir: Path) -> None:
-    async with serve(settings(model_dir)) as (_, client):
-        response = await client.post(
-            "/segment?format=gif", content=encode_image(random_image(8, 8, 0)), headers=PNG
-        )
+async def test_invalid_parameter_is_422_with_the_parameter_named(pixel_dir: Path) -> None:
+    async with serve(settings(pixel_dir)) as (_, client):
+        response = await client.post("/segment?format=gif", content=SMALL_PNG, headers=PNG)
         body = assert_problem(response, 422, "invalid-request")
         assert body["errors"][0]["loc"] == ["query", "format"]
 
 
-async def test_wrong_method_is_405(model_dir: Path) -> None:
-    async with serve(settings(model_dir)) as (_, client):
+async def test_wrong_method_is_405(pixel_dir: Path) -> None:
+    async with serve(settings(pixel_dir)) as (_, client):
         assert_problem(await client.get("/segment"), 405, "method-not-allowed")
 
 
 async def test_full_queue_is_503_with_retry_after_at_once(gated_dir: Path) -> None:
-    image = encode_image(random_image(8, 8, 0))
+    image = SMALL_PNG
     async with serve(settings(gated_dir, max_queue=1, warmup=False, max_batch_delay_ms=0)) as (app, client):
         batcher = app.state.registry.models["gated"].batcher
         GATES["errors"].clear()
@@ -144,7 +131,7 @@ async def test_full_queue_is_503_with_retry_after_at_once(gated_dir: Path) -> No
 
 
 async def test_waiting_past_the_timeout_is_504_and_the_request_is_not_run(gated_dir: Path) -> None:
-    image = encode_image(random_image(8, 8, 0))
+    image = SMALL_PNG
     config = settings(gated_dir, request_timeout_s=0.5, warmup=False, max_batch_delay_ms=0)
     async with serve(config) as (app, client):
         batcher = app.state.registry.models["gated"].batcher
@@ -158,8 +145,8 @@ async def test_waiting_past_the_timeout_is_504_and_the_request_is_not_run(gated_
         assert batcher.stats.requests == 1 and batcher.stats.timed_out == 1
 
 
-async def test_a_problem_type_is_resolvable_on_the_service(model_dir: Path) -> None:
-    async with serve(settings(model_dir)) as (_, client):
+async def test_a_problem_type_is_resolvable_on_the_service(pixel_dir: Path) -> None:
+    async with serve(settings(pixel_dir)) as (_, client):
         response = await client.post("/segment", content=b"junk", headers=PNG)
         described = await client.get(response.json()["type"])
         assert described.status_code == 200

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.logs import ServiceLogHandler, configure_logging
 from tests.app.helpers import (
+    PNG,
     assert_problem,
     encode_image,
     random_image,
@@ -25,8 +26,6 @@ from tests.app.helpers import (
 )
 
 pytestmark = pytest.mark.anyio
-
-PNG = {"content-type": "image/png"}
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.app.helpers import (
+    PNG,
     assert_problem,
     decode_png,
     encode_image,
@@ -24,14 +25,6 @@ from tests.app.helpers import (
 )
 
 pytestmark = pytest.mark.anyio
-
-PNG = {"content-type": "image/png"}
-
-
-@pytest.fixture
-def pixel_dir(tmp_path: Path) -> Path:
-    save_pixel_model(tmp_path / "pixel.pt")
-    return tmp_path
 
 
 async def test_mask_has_the_input_size_for_odd_sizes(tmp_path: Path) -> None:

@@ -19,12 +19,13 @@ from app.main import create_app
 from app.settings import SettingsError, check_runtime, load_settings
 from tests.app.helpers import (
     BUILD_GATE,
-    GATES,
+    PNG,
     SEEN,
     assert_problem,
     decode_png,
     encode_image,
     expected_binary_mask,
+    open_gate,
     random_image,
     save_pixel_model,
     save_unet,
@@ -35,15 +36,11 @@ from tests.app.helpers import (
 
 pytestmark = pytest.mark.anyio
 
-PNG = {"content-type": "image/png"}
-
 
 @pytest.fixture
 def gate() -> Iterator[threading.Event]:
-    GATES["service"] = event = threading.Event()
-    event.set()
-    yield event
-    event.set()
+    with open_gate("service") as event:
+        yield event
 
 
 async def test_readiness_is_503_until_the_models_are_loaded(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ burst is over the service must serve normally again without any intervention.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,12 +17,13 @@ import pytest
 
 from tests.app.helpers import (
     GATES,
+    PNG,
     assert_problem,
     decode_png,
     encode_image,
     expected_binary_mask,
+    gated_pixel_model,
     random_image,
-    save_pixel_model,
     serve,
     settings,
     wait_until,
@@ -31,7 +31,6 @@ from tests.app.helpers import (
 
 pytestmark = pytest.mark.anyio
 
-PNG = {"content-type": "image/png"}
 BURST = 64
 MAX_QUEUE = 8
 MAX_BATCH = 4
@@ -39,11 +38,8 @@ MAX_BATCH = 4
 
 @pytest.fixture
 def gated_dir(tmp_path: Path) -> Iterator[Path]:
-    GATES["overload"] = gate = threading.Event()
-    gate.set()
-    save_pixel_model(tmp_path / "gated.pt", gate="overload")
-    yield tmp_path
-    gate.set()
+    with gated_pixel_model(tmp_path, "overload") as directory:
+        yield directory
 
 
 async def test_a_burst_beyond_the_queue_is_refused_at_once_and_the_service_recovers(gated_dir: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.app.helpers import (
+    PNG,
     assert_problem,
     encode_image,
     random_image,
@@ -20,7 +21,6 @@ from tests.app.helpers import (
 
 pytestmark = pytest.mark.anyio
 
-PNG = {"content-type": "image/png"}
 KEY = "mk-7Hq2vX9pLr4TzW8nB3cY"
 OTHER_KEY = "ops-Qw5Er7Ty9Ui1Op3As5Df"
 

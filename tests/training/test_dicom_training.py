@@ -15,24 +15,19 @@ from models.checkpoint import load_checkpoint
 from models.imageio import read_image_file
 from models.preprocessing import Preprocessing, prepare
 from tests.models.test_dicom import make_dicom
+from tests.training.helpers import eval_argv, train_argv
 from training.cli import build_parser
 from training.cli import main as cli_main
 from training.data_classify import load_image
 from training.train_segment import prepare_data
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pydicom")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning:pydicom"),
+    pytest.mark.usefixtures("single_thread"),
+]
 
 SIZE = 40
 TINY = ["--img-size", "32", "--channels", "4,8", "--batch-size", "2", "--device", "cpu", "--augment", "none"]
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Tiny tensors: thread hand-off costs more than it saves, badly so on a busy shared CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def phantom(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +67,7 @@ def dicom_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained(dicom_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny U-Net trained for two steps on the DICOM folder with ``--intensity ignore-window``."""
     out = tmp_path_factory.mktemp("dicom-model") / "dcm.pt"
-    argv = ["train", "segment", "--data", str(dicom_folder), "--out", str(out), "--epochs", "1"]
+    argv = train_argv("segment", dicom_folder, out, "--epochs", "1")
     code = cli_main(
         [*argv, "--samples-per-epoch", "4", "--val-split", "0.25", "--intensity", "ignore-window", *TINY]
     )
@@ -97,7 +92,7 @@ def test_training_on_dicom_records_the_policy_it_read_with(dicom_folder: Path, t
 
 
 def test_default_policy_is_recorded_and_reads_the_window(dicom_folder: Path) -> None:
-    argv = ["train", "segment", "--data", str(dicom_folder), "--out", "x.pt"]
+    argv = train_argv("segment", dicom_folder, Path("x.pt"))
     prepared = prepare_data(build_parser(argv).parse_args(argv))
     assert prepared.spec.intensity == "dicom-window"
     for image in prepared.train.images + prepared.val.images:
@@ -119,8 +114,7 @@ def test_eval_reads_the_dicom_folder_with_the_checkpoints_policy(
     dicom_folder: Path, trained: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "report"
-    argv = ["eval", "segment", "--model", str(trained), "--data", str(dicom_folder), "--out", str(out)]
-    assert cli_main([*argv, "--device", "cpu", "--no-tta"]) == 0
+    assert cli_main(eval_argv("segment", trained, dicom_folder, out, "--device", "cpu", "--no-tta")) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["n_images"] == 4
     # Read with ignore-window the disc stands out and Otsu finds it; read through the window it would be blank.

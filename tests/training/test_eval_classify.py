@@ -13,6 +13,7 @@ import torch
 from models.checkpoint import Architecture, CheckpointMetadata, save_checkpoint
 from models.classifier import Classifier
 from models.preprocessing import Preprocessing
+from tests.training.helpers import eval_argv
 from training.cli import main
 from training.data_classify import discover
 from training.eval_classify import classification_metrics, expected_calibration_error, one_vs_rest_auc
@@ -87,8 +88,8 @@ def lesion_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_report_has_every_field(lesion_model: tuple[Path, Path], tmp_path: Path) -> None:
     model, test = lesion_model
     out = tmp_path / "report"
-    argv = ["eval", "classify", "--model", str(model), "--data", str(test), "--out", str(out)]
-    assert main([*argv, "--device", "cpu", "--threads", "1", "--no-progress"]) == 0
+    argv = eval_argv("classify", model, test, out, "--device", "cpu", "--threads", "1", "--no-progress")
+    assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     required = {"n_images", "accuracy", "balanced_accuracy", "auc", "per_class", "confusion_matrix", "ece"}
     assert required | {"baselines"} <= set(report)
@@ -116,28 +117,20 @@ def test_train_data_option_and_missing_training_data(
     lesion_model: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     model, test = lesion_model
-    argv = [
-        "eval",
-        "classify",
-        "--model",
-        str(model),
-        "--data",
-        str(test),
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-    ]
-    assert main([*argv, "--out", str(tmp_path / "a"), "--train-data", str(test)]) == 0
+
+    def evaluate(out: Path, *options: str) -> int:
+        return main(eval_argv("classify", model, test, out, "--device", "cpu", "--threads", "1", *options))
+
+    assert evaluate(tmp_path / "a", "--train-data", str(test)) == 0
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     assert (
         report["baselines_train"]["n_images"] == 12 and "--train-data" in report["baselines_train"]["source"]
     )
 
     with caplog.at_level(logging.ERROR):
-        assert main([*argv, "--out", str(tmp_path / "b"), "--train-data", str(tmp_path / "nowhere")]) == 2
+        assert evaluate(tmp_path / "b", "--train-data", str(tmp_path / "nowhere")) == 2
     assert "does not exist" in caplog.text
-    assert main([*argv, "--out", str(tmp_path / "c"), "--no-baselines"]) == 0
+    assert evaluate(tmp_path / "c", "--no-baselines") == 0
     assert json.loads((tmp_path / "c" / "report.json").read_text())["baselines"] == {}
 
 
@@ -147,16 +140,7 @@ def test_test_folder_with_unknown_class_is_refused(
     model, _ = lesion_model
     generate_lesion_dataset(tmp_path / "data", 1, size=32, seed=0)
     (tmp_path / "data" / "benign").rename(tmp_path / "data" / "cyst")
-    argv = [
-        "eval",
-        "classify",
-        "--model",
-        str(model),
-        "--data",
-        str(tmp_path / "data"),
-        "--out",
-        str(tmp_path / "o"),
-    ]
+    argv = eval_argv("classify", model, tmp_path / "data", tmp_path / "o")
     with caplog.at_level(logging.ERROR):
         assert main([*argv, "--device", "cpu", "--no-baselines"]) == 2
     assert "cyst" in caplog.text

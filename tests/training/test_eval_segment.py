@@ -6,18 +6,14 @@ import torch
 from models.checkpoint import Architecture, CheckpointMetadata, save_checkpoint
 from models.preprocessing import Preprocessing
 from models.unet import UNet
+from tests.training.helpers import eval_argv
 from training.cli import main as cli_main
 from training.synthetic import generate_dental
 
 METHODS = {"unet", "otsu", "kmeans", "region_growing"}
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _checkpoint(path, task="segmentation"):
@@ -39,22 +35,7 @@ def test_report_has_every_method_and_field_and_overlays(tmp_path):
     generate_dental(tmp_path / "data", 4, 64, seed=3)
     model = _checkpoint(tmp_path / "m.pt")
     out = tmp_path / "report"
-    code = cli_main(
-        [
-            "eval",
-            "segment",
-            "--model",
-            str(model),
-            "--data",
-            str(tmp_path / "data"),
-            "--out",
-            str(out),
-            "--device",
-            "cpu",
-            "--overlays",
-            "1",
-        ]
-    )
+    code = cli_main(eval_argv("segment", model, tmp_path / "data", out, "--device", "cpu", "--overlays", "1"))
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report) == {"n_images", "methods"}
@@ -78,21 +59,7 @@ def test_full_resolution_prediction_without_tta(tmp_path):
     generate_dental(tmp_path / "data", 2, 100, seed=4)  # larger than the 48x48 tiles, not a multiple of them
     model = _checkpoint(tmp_path / "m.pt")
     out = tmp_path / "r"
-    code = cli_main(
-        [
-            "eval",
-            "segment",
-            "--model",
-            str(model),
-            "--data",
-            str(tmp_path / "data"),
-            "--out",
-            str(out),
-            "--no-tta",
-            "--device",
-            "cpu",
-        ]
-    )
+    code = cli_main(eval_argv("segment", model, tmp_path / "data", out, "--no-tta", "--device", "cpu"))
     assert code == 0
     assert "TTA off" in (out / "report.md").read_text()
     from PIL import Image
@@ -104,34 +71,12 @@ def test_full_resolution_prediction_without_tta(tmp_path):
 def test_wrong_task_or_mask_values_are_clear_errors(tmp_path, caplog):
     generate_dental(tmp_path / "data", 1, 64, seed=5)
     model = _checkpoint(tmp_path / "c.pt", task="classification")
-    code = cli_main(
-        [
-            "eval",
-            "segment",
-            "--model",
-            str(model),
-            "--data",
-            str(tmp_path / "data"),
-            "--out",
-            str(tmp_path / "o"),
-        ]
-    )
+    code = cli_main(eval_argv("segment", model, tmp_path / "data", tmp_path / "o"))
     assert code == 2 and "not a segmentation model" in caplog.text
     import numpy as np
     from PIL import Image
 
     Image.fromarray(np.full((64, 64), 7, np.uint8)).save(tmp_path / "data" / "masks" / "dental_0000.png")
     model = _checkpoint(tmp_path / "s.pt")
-    code = cli_main(
-        [
-            "eval",
-            "segment",
-            "--model",
-            str(model),
-            "--data",
-            str(tmp_path / "data"),
-            "--out",
-            str(tmp_path / "o"),
-        ]
-    )
+    code = cli_main(eval_argv("segment", model, tmp_path / "data", tmp_path / "o"))
     assert code == 2 and "binary" in caplog.text

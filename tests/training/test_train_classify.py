@@ -16,6 +16,7 @@ from models.checkpoint import load_checkpoint, load_model
 from models.classifier import probabilities
 from models.imageio import read_image_file
 from models.preprocessing import prepare
+from tests.training.helpers import train_argv
 from training.cli import main
 from training.eval_classify import classification_metrics
 
@@ -46,31 +47,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("bars")
     data = make_bars(root / "train", 40, seed=0)
     out = root / "models" / "bars.pt"
-    argv = [
-        "train",
-        "classify",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--backbone",
-        "resnet18",
-        "--head",
-        "fc",
-    ]
-    argv += [
-        "--epochs",
-        "4",
-        "--batch-size",
-        "8",
-        "--lr",
-        "1e-3",
-        "--val-split",
-        "0.25",
-        "--seed",
-        "0",
-        *COMMON,
-    ]
+    argv = train_argv("classify", data, out, "--backbone", "resnet18", "--head", "fc", "--epochs", "4")
+    argv += ["--batch-size", "8", "--lr", "1e-3", "--val-split", "0.25", "--seed", "0", *COMMON]
     assert main(argv) == 0
     return out
 
@@ -124,29 +102,9 @@ def test_history_and_learning_curves_are_written(trained: Path) -> None:
 def test_resume_continues_the_run(tmp_path: Path) -> None:
     data = make_bars(tmp_path / "data", 10, seed=2)
     out = tmp_path / "svm.pt"
-    argv = [
-        "train",
-        "classify",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--backbone",
-        "resnet18",
-        "--head",
-        "svm",
-    ]
-    argv += [
-        "--strategy",
-        "partial",
-        "--freeze-stages",
-        "2",
-        "--balance",
-        "sampler",
-        "--batch-size",
-        "4",
-        *COMMON,
-    ]
+    argv = train_argv("classify", data, out, "--backbone", "resnet18", "--head", "svm")
+    argv += ["--strategy", "partial", "--freeze-stages", "2", "--balance", "sampler", "--batch-size", "4"]
+    argv += COMMON
     assert main([*argv, "--epochs", "1"]) == 0
     assert main([*argv, "--epochs", "2", "--resume"]) == 0
     history = json.loads((tmp_path / "svm-run" / "history.json").read_text())["epochs"]
@@ -168,16 +126,7 @@ def test_imagenet_weights_unavailable_is_a_clear_cli_error(
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
     data = make_bars(tmp_path / "data", 3, seed=3)
-    argv = [
-        "train",
-        "classify",
-        "--data",
-        str(data),
-        "--out",
-        str(tmp_path / "m.pt"),
-        "--pretrained",
-        "imagenet",
-    ]
+    argv = train_argv("classify", data, tmp_path / "m.pt", "--pretrained", "imagenet")
     with caplog.at_level(logging.ERROR):
         assert main([*argv, "--val-split", "0", "--device", "cpu"]) == 2
     assert "torch-home/hub/checkpoints/resnet18-f37072fd.pth" in caplog.text
@@ -192,7 +141,7 @@ def test_bad_options_are_reported(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, extra: list[str], message: str
 ) -> None:
     data = make_bars(tmp_path / "data", 3, seed=4)
-    argv = ["train", "classify", "--data", str(data), "--out", str(tmp_path / "m.pt"), *COMMON, *extra]
+    argv = train_argv("classify", data, tmp_path / "m.pt", *COMMON, *extra)
     with caplog.at_level(logging.ERROR):
         assert main(argv) == 2
     assert message in caplog.text

@@ -6,6 +6,7 @@ import torch
 
 from models.checkpoint import load_checkpoint, load_model
 from models.preprocessing import prepare
+from tests.training.helpers import train_argv
 from training import baselines
 from training import data as D
 from training.cli import build_parser
@@ -18,13 +19,7 @@ from training.train_segment import run, state_path
 TINY = ["--img-size", "64", "--channels", "8,16,32", "--batch-size", "8", "--lr", "3e-3", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Tiny tensors: thread hand-off costs more than it saves, badly so on a busy shared CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -41,23 +36,8 @@ def _args(argv):
 
 def test_short_training_beats_otsu_on_held_out_phantoms(phantoms, tmp_path):
     out = tmp_path / "dental.pt"
-    code = cli_main(
-        [
-            "train",
-            "segment",
-            "--data",
-            str(phantoms / "train"),
-            "--out",
-            str(out),
-            "--epochs",
-            "5",
-            "--samples-per-epoch",
-            "48",
-            "--val-split",
-            "0.25",
-            *TINY,
-        ]
-    )
+    options = ["--epochs", "5", "--samples-per-epoch", "48", "--val-split", "0.25", *TINY]
+    code = cli_main(train_argv("segment", phantoms / "train", out, *options))
     assert code == 0
     model, meta = load_model(out)
     test = D.load_set(phantoms / "test")
@@ -101,52 +81,26 @@ def test_short_training_beats_otsu_on_held_out_phantoms(phantoms, tmp_path):
 
 
 def test_same_seed_gives_identical_weights_and_resume_continues_exactly(phantoms, tmp_path):
-    common = ["--data", str(phantoms / "train"), "--samples-per-epoch", "16", *TINY]
-    a = run(_args(["train", "segment", *common, "--out", str(tmp_path / "a" / "m.pt"), "--epochs", "2"]))
-    b = run(_args(["train", "segment", *common, "--out", str(tmp_path / "b" / "m.pt"), "--epochs", "2"]))
+
+    def train(out, *options):
+        argv = train_argv("segment", phantoms / "train", out, "--samples-per-epoch", "16", *TINY, *options)
+        return run(_args(argv))
+
+    a = train(tmp_path / "a" / "m.pt", "--epochs", "2")
+    b = train(tmp_path / "b" / "m.pt", "--epochs", "2")
     for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
     # Stopped after epoch 1 (by the time limit, like an interruption), then resumed: the same weights as the
     # uninterrupted run.
     first = tmp_path / "c" / "m.pt"
-    stopped = run(
-        _args(["train", "segment", *common, "--out", str(first), "--epochs", "2", "--time-limit", "1e-6"])
-    )
+    stopped = train(first, "--epochs", "2", "--time-limit", "1e-6")
     assert len(stopped.history) == 1
     assert state_path(first).exists()
-    resumed = run(
-        _args(
-            [
-                "train",
-                "segment",
-                *common,
-                "--out",
-                str(first),
-                "--epochs",
-                "2",
-                "--resume",
-                str(state_path(first)),
-            ]
-        )
-    )
+    resumed = train(first, "--epochs", "2", "--resume", str(state_path(first)))
     for (name, x), y in zip(a.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
     assert [r["epoch"] for r in resumed.history] == [1, 2]
-    other = run(
-        _args(
-            [
-                "train",
-                "segment",
-                *common,
-                "--out",
-                str(tmp_path / "d" / "m.pt"),
-                "--epochs",
-                "1",
-                "--seed",
-                "1",
-            ]
-        )
-    )
+    other = train(tmp_path / "d" / "m.pt", "--epochs", "1", "--seed", "1")
     assert not torch.equal(other.model.head.weight, a.model.head.weight)
 
 
@@ -180,27 +134,8 @@ def test_multiclass_index_masks_with_class_names(tmp_path):
             Image.fromarray(image).save(tmp_path / "d" / split / f"{i}.png")
             Image.fromarray(mask).save(tmp_path / "d" / "masks" / f"{i}.png")
     out = tmp_path / "m.pt"
-    result = run(
-        _args(
-            [
-                "train",
-                "segment",
-                "--data",
-                str(tmp_path / "d"),
-                "--out",
-                str(out),
-                "--epochs",
-                "1",
-                "--samples-per-epoch",
-                "8",
-                "--classes",
-                "bg",
-                "tooth",
-                "filling",
-                *TINY,
-            ]
-        )
-    )
+    options = ["--epochs", "1", "--samples-per-epoch", "8", "--classes", "bg", "tooth", "filling", *TINY]
+    result = run(_args(train_argv("segment", tmp_path / "d", out, *options)))
     meta, _state = load_checkpoint(out)
     assert meta.classes == ["bg", "tooth", "filling"] and meta.extra["mask_mode"] == "index"
     assert meta.architecture.args["out_channels"] == 3
