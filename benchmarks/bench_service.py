@@ -1,7 +1,9 @@
 """Load benchmark of the inference service against the raw model (a script, not a test).
 
 It starts the service as a real process (``uvicorn app.main:app`` on 127.0.0.1) with a random-weight model,
-sends ``--requests`` requests at each concurrency (async httpx client, multipart uploads), and reports
+sends ``--requests`` requests at each concurrency (multipart uploads; ``--client keepalive``, the default: one
+persistent asyncio HTTP/1.1 connection per concurrent client, like ``ab -k``; ``--client httpx``: an httpx
+AsyncClient, which costs the shared CPU more per request), and reports
 throughput, latency percentiles and the mean batch size the server formed (read from ``GET /models``). In the
 same run it measures:
 
@@ -50,6 +52,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from service_process import KeepAliveConnection  # noqa: E402  (benchmarks/, the script's own folder)
 
 from models.checkpoint import Architecture, CheckpointMetadata, load_model, save_checkpoint  # noqa: E402
 from models.preprocessing import Preprocessing  # noqa: E402
@@ -100,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--raw-repeats", type=int, default=5, help="timed forward passes per raw batch size")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: benchmarks/results/...)")
+    parser.add_argument(
+        "--client",
+        choices=["keepalive", "httpx"],
+        default="keepalive",
+        help="load generator: persistent asyncio connections (lightest, default) or httpx.AsyncClient",
+    )
     args = parser.parse_args(argv)
     if args.requests < 1 or any(c < 1 for c in args.concurrency) or args.max_batch_size < 1:
         parser.error("--requests, --concurrency and --max-batch-size must be positive")
@@ -245,6 +255,7 @@ async def run_level(
     concurrency: int,
     requests: int,
     label: str,
+    client_kind: str = "keepalive",
 ) -> Level:
     """Warms up with one round of ``concurrency`` requests, then times ``requests`` requests."""
 
@@ -255,34 +266,45 @@ async def run_level(
         request = httpx.Request("POST", f"{base}{endpoint}", files={"file": (name, data, ctype)})
         bodies.append((request.read(), {"content-type": request.headers["content-type"]}))
 
-    async def one(index: int, latencies: list[float] | None) -> bool:
-        body, headers = bodies[index % len(bodies)]
+    host, port = base.removeprefix("http://").split(":")
+    connections = [KeepAliveConnection(host, int(port)) for _ in range(concurrency)]
+    raw_requests = [connections[0].request_bytes("POST", endpoint, body, headers) for body, headers in bodies]
+
+    async def one(worker_index: int, index: int, latencies: list[float] | None) -> bool:
         started = time.perf_counter()
-        response = await client.post(f"{base}{endpoint}", content=body, headers=headers)
+        if client_kind == "keepalive":
+            status, _ = await connections[worker_index].send(raw_requests[index % len(raw_requests)])
+        else:
+            body, headers = bodies[index % len(bodies)]
+            status = (await client.post(f"{base}{endpoint}", content=body, headers=headers)).status_code
         if latencies is not None:
             latencies.append(time.perf_counter() - started)
-        return response.status_code == 200
+        return status == 200
 
     async def drive(count: int, latencies: list[float] | None) -> int:
         counter = iter(range(count))
         failures = 0
 
-        async def worker() -> None:
+        async def worker(worker_index: int) -> None:
             nonlocal failures
             for index in counter:
-                if not await one(index, latencies):
+                if not await one(worker_index, index, latencies):
                     failures += 1
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
         return failures
 
-    await drive(concurrency, None)
-    before = await stats(client, base)
-    latencies: list[float] = []
-    started = time.perf_counter()
-    errors = await drive(requests, latencies)
-    seconds = time.perf_counter() - started
-    after = await stats(client, base)
+    try:
+        await drive(concurrency, None)
+        before = await stats(client, base)
+        latencies: list[float] = []
+        started = time.perf_counter()
+        errors = await drive(requests, latencies)
+        seconds = time.perf_counter() - started
+        after = await stats(client, base)
+    finally:
+        for connection in connections:
+            await connection.close()
     batches = after["batches"] - before["batches"]
     served = after["requests"] - before["requests"]
     queue_ms = (after["mean_queue_ms"] or 0) * after["requests"] - (before["mean_queue_ms"] or 0) * before[
@@ -331,7 +353,14 @@ async def serve_and_measure(
             levels = []
             for concurrency in concurrencies:
                 level = await run_level(
-                    client, server.base, endpoint, images, concurrency, max(args.requests, concurrency), label
+                    client,
+                    server.base,
+                    endpoint,
+                    images,
+                    concurrency,
+                    max(args.requests, concurrency),
+                    label,
+                    args.client,
                 )
                 print_level(level)
                 levels.append(level)
@@ -439,6 +468,13 @@ def main(argv: list[str] | None = None) -> int:
         f"served_c{top}_over_raw_best": top_level.throughput / max(r["throughput"] for r in raw.values()),
         "p50_c1_minus_raw_single_ms": (single.p50_ms - 1000 * raw[1]["seconds_per_batch"])
         if single
+        else None,
+        # The same question without the machine's drift between the server run and the raw timing: time a
+        # lone request spent outside the model, from the model's own time inside the server in the same run.
+        "mean_c1_minus_model_in_server_ms": (
+            1000 * single.seconds / single.requests - single.server_mean_batch_ms
+        )
+        if single and single.server_mean_batch_ms is not None
         else None,
         f"batching_on_over_off_c{top}": (top_level.throughput / unbatched[0].throughput)
         if unbatched
