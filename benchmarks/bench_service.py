@@ -181,6 +181,11 @@ def make_images(args: argparse.Namespace, count: int = 16) -> list[tuple[str, by
     return images
 
 
+def uvicorn_command(port: int) -> list[str]:
+    """The service as the benchmarks start it: ``uvicorn app.main:app`` on a loopback port."""
+    return [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -206,16 +211,7 @@ class Server:
                 "MEDSERVE_BATCH_AUTOTUNE": "false" if args.no_autotune else "true",
             }
         )
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "app.main:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-        ]
+        command = uvicorn_command(self.port)
         command += ["--log-level", "warning", "--no-access-log"]
         self.log = log.open("w")
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)

@@ -216,16 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             path, health = ("/predict", "/health")
             servers.append((name, [sys.executable, str(program)], port, path, health))
         port = bench.free_port()
-        medserve = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "app.main:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
+        medserve = bench.uvicorn_command(port)
         medserve_env = {**env, "MEDSERVE_MODEL_DIR": str(model_dir), "MEDSERVE_LOG_LEVEL": "warning"}
         servers.append(("medserve", medserve, port, "/classify", "/health/ready"))
         for name, command, port, path, health in servers:
