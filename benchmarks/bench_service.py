@@ -262,14 +262,19 @@ async def run_level(
         request = httpx.Request("POST", f"{base}{endpoint}", files={"file": (name, data, ctype)})
         bodies.append((request.read(), {"content-type": request.headers["content-type"]}))
 
-    host, port = base.removeprefix("http://").split(":")
-    connections = [KeepAliveConnection(host, int(port)) for _ in range(concurrency)]
-    raw_requests = [connections[0].request_bytes("POST", endpoint, body, headers) for body, headers in bodies]
+    connections: list[KeepAliveConnection] = []
+    raw_requests: list[bytes] = []
+    if client_kind == "keepalive":
+        host, port = base.removeprefix("http://").split(":")
+        connections = [KeepAliveConnection(host, int(port)) for _ in range(concurrency)]
+        raw_requests = [
+            connections[0].request_bytes("POST", endpoint, body, headers) for body, headers in bodies
+        ]
 
     async def one(worker_index: int, index: int, latencies: list[float] | None) -> bool:
         started = time.perf_counter()
         if client_kind == "keepalive":
-            status, _ = await connections[worker_index].send(raw_requests[index % len(raw_requests)])
+            status, _, _ = await connections[worker_index].send(raw_requests[index % len(raw_requests)])
         else:
             body, headers = bodies[index % len(bodies)]
             status = (await client.post(f"{base}{endpoint}", content=body, headers=headers)).status_code

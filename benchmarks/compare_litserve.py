@@ -101,7 +101,7 @@ async def drive(port: int, path: str, raw: bytes, concurrency: int, requests: in
     async def worker(connection: KeepAliveConnection, counter: Any, record: bool) -> None:
         for _ in counter:
             started = time.perf_counter()
-            status, _body = await connection.send(raw)
+            status, _, _ = await connection.send(raw)
             if status != 200:
                 raise RuntimeError(f"{path}: status {status}")
             if record:

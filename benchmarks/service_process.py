@@ -199,6 +199,31 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def encode_request(
+    host: str, port: int, method: str, path: str, body: bytes, headers: dict[str, str], *, keep_alive: bool
+) -> bytes:
+    """An HTTP/1.1 request as bytes, encoded once so a load generator can replay it."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}"]
+    lines += [] if keep_alive else ["Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """Reads one response (it must carry Content-Length, as the service's do): (status, lower-case headers, body)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        if ":" in line:
+            name, value = line.split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    body = await reader.readexactly(length) if length else b""
+    return int(status_line.split()[1]), headers, body
+
+
 class RawHttp:
     """A minimal HTTP/1.1 client on asyncio streams, for load generation: far less CPU per request than httpx,
     which matters when the load generator shares a 2-core machine with the service.
@@ -212,10 +237,7 @@ class RawHttp:
         self.port = port
 
     def request_bytes(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> bytes:
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", "Connection: close"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
-        lines.append(f"Content-Length: {len(body)}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        return encode_request(self.host, self.port, method, path, body, headers, keep_alive=False)
 
     async def send(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
         """Sends a request made by ``request_bytes``; returns (status, lower-case headers, body)."""
@@ -223,16 +245,7 @@ class RawHttp:
         try:
             writer.write(raw)
             await writer.drain()
-            head = await reader.readuntil(b"\r\n\r\n")
-            status_line, *header_lines = head.decode("latin-1").split("\r\n")
-            headers = {}
-            for line in header_lines:
-                if ":" in line:
-                    name, value = line.split(":", 1)
-                    headers[name.strip().lower()] = value.strip()
-            length = int(headers.get("content-length", "0"))
-            body = await reader.readexactly(length) if length else b""
-            return int(status_line.split()[1]), headers, body
+            return await read_response(reader)
         finally:
             writer.close()
             with contextlib.suppress(OSError):
@@ -242,7 +255,7 @@ class RawHttp:
 class KeepAliveConnection:
     """One persistent HTTP/1.1 connection (keep-alive), sending requests one after another, like
     ``ab -k`` or ``wrk``: the lightest closed-loop load generator, so that on a 2-core machine the client takes
-    as little CPU from the service as possible. Responses must carry Content-Length (the service's do)."""
+    as little CPU from the service as possible."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
@@ -250,31 +263,20 @@ class KeepAliveConnection:
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     def request_bytes(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> bytes:
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
-        lines.append(f"Content-Length: {len(body)}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        return encode_request(self.host, self.port, method, path, body, headers, keep_alive=True)
 
-    async def send(self, raw: bytes) -> tuple[int, bytes]:
-        """Sends a request made by ``request_bytes``; returns (status, body). Reconnects when the server closed."""
+    async def send(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+        """Sends a request made by ``request_bytes``; returns (status, lower-case headers, body). Reconnects
+        on the next request when the server closed the connection."""
         if self._streams is None:
             self._streams = await asyncio.open_connection(self.host, self.port)
         reader, writer = self._streams
         writer.write(raw)
         await writer.drain()
-        head = await reader.readuntil(b"\r\n\r\n")
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        length, close = 0, False
-        for line in header_lines:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value)
-            elif name.strip().lower() == "connection" and value.strip().lower() == "close":
-                close = True
-        body = await reader.readexactly(length) if length else b""
-        if close:
+        status, headers, body = await read_response(reader)
+        if headers.get("connection", "").lower() == "close":
             await self.close()
-        return int(status_line.split()[1]), body
+        return status, headers, body
 
     async def close(self) -> None:
         if self._streams is not None:
