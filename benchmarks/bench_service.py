@@ -372,17 +372,21 @@ async def serve_and_measure(
 
 def raw_forward(path: Path, args: argparse.Namespace, batch_sizes: list[int]) -> dict[int, dict[str, float]]:
     """Forward pass alone at each batch size: median of ``--raw-repeats`` timed runs after one warm-up."""
-    from models.inference import resolve_device
+    from models.inference import prepare_for_device, resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     model, meta = load_model(path, device)
+    # The layout the service runs the model in (channels_last), so that served / raw compares like with like.
+    model = prepare_for_device(model, device)
     channels, (h, w) = meta.preprocessing.in_channels, meta.preprocessing.img_size
     results = {}
     with torch.inference_mode():
         for batch in batch_sizes:
-            x = torch.randn(batch, channels, h, w, device=device)
+            x = torch.randn(batch, channels, h, w, device=device).contiguous(
+                memory_format=torch.channels_last
+            )
             model(x)
             times = []
             for _ in range(args.raw_repeats):

@@ -37,26 +37,28 @@ from service_process import KeepAliveConnection
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The server programs: each loads the checkpoint with models.checkpoint and decodes with models.preprocessing,
-# so only the serving machinery differs. {checkpoint} is filled in.
+# The server programs: each loads the checkpoint with models.checkpoint, runs it like MedServe does
+# (models.inference: channels_last, inference mode) and decodes with models.preprocessing, so only the serving
+# machinery differs. {checkpoint} is filled in.
 LITSERVE_APP = """
 import io, sys, numpy as np, torch, litserve as ls
 sys.path.insert(0, {root!r})
 from models.checkpoint import load_model
 from models.imageio import read_image
+from models.inference import forward, prepare_for_device
 from models.preprocessing import prepare
 
 class API(ls.LitAPI):
     def setup(self, device):
-        self.model, self.meta = load_model({checkpoint!r}, "cpu")
+        model, self.meta = load_model({checkpoint!r}, "cpu")
+        self.model = prepare_for_device(model, torch.device("cpu"))
     def decode_request(self, request):
         data = request["file"].file.read()
         return prepare(read_image(data).pixels, self.meta.preprocessing)
     def batch(self, inputs):
         return torch.stack(inputs)
     def predict(self, x):
-        with torch.inference_mode():
-            return torch.softmax(self.model(x), dim=1)
+        return torch.softmax(forward(self.model, x, torch.device("cpu")), dim=1)
     def unbatch(self, output):
         return list(output)
     def encode_response(self, probs):
@@ -73,16 +75,18 @@ from fastapi import FastAPI, UploadFile
 sys.path.insert(0, {root!r})
 from models.checkpoint import load_model
 from models.imageio import read_image
+from models.inference import forward, prepare_for_device
 from models.preprocessing import prepare
 
 model, meta = load_model({checkpoint!r}, "cpu")
+model = prepare_for_device(model, torch.device("cpu"))
 app = FastAPI()
 
 @app.post("/predict")
 def predict(file: UploadFile):
     x = prepare(read_image(file.file.read()).pixels, meta.preprocessing)
-    with torch.inference_mode():
-        return {{"probabilities": torch.softmax(model(x[None]), dim=1)[0].tolist()}}
+    probs = torch.softmax(forward(model, x[None], torch.device("cpu")), dim=1)
+    return {{"probabilities": probs[0].tolist()}}
 
 @app.get("/health")
 def health():

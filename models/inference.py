@@ -40,20 +40,19 @@ def autocast_context(device: torch.device, precision: Precision) -> contextlib.A
 
 
 def prepare_for_device(model: nn.Module, device: torch.device) -> nn.Module:
-    """Moves the model and, on CUDA, switches to channels_last (faster convolutions with tensor cores)."""
-    model = model.to(device).eval()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    """Moves the model to ``device`` in eval mode, in channels_last layout.
+
+    channels_last suits tensor cores on CUDA, and oneDNN on the CPU too: inference is 1.10-1.25x faster per
+    image there for the U-Net and every classifier backbone measured (``benchmarks/bench_layout.py``).
+    """
+    return model.to(device).eval().to(memory_format=torch.channels_last)
 
 
 def forward(
     model: nn.Module, batch: torch.Tensor, device: torch.device, precision: Precision = "fp32"
 ) -> torch.Tensor:
     """Runs ``model`` on a (B, C, H, W) batch and returns float32 outputs on the CPU."""
-    x = batch.to(device, non_blocking=True)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast_context(device, precision):
         out = model(x)
     return out.float().cpu()

@@ -81,3 +81,29 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="cuda"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_served_layout_changes_no_answer(batch):
+    # The service runs models in channels_last (faster on CPU and GPU); the answers must be those of the
+    # model as trained, for the U-Net and a classifier.
+    from models.classifier import Classifier
+    from models.inference import forward, prepare_for_device
+
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    for make, shape in (
+        (lambda: UNet(in_channels=1, out_channels=3, channels=[8, 16, 32]), (batch, 1, 40, 56)),
+        (lambda: Classifier("resnet18", num_classes=3, in_channels=1, head="gap"), (batch, 1, 64, 64)),
+    ):
+        trained = make().eval()
+        served = make()
+        served.load_state_dict(trained.state_dict())
+        served = prepare_for_device(served, cpu)
+        x = torch.randn(*shape)
+        with torch.inference_mode():
+            expected = trained(x)
+        got = forward(served, x, cpu)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        assert torch.equal(got.argmax(dim=1), expected.argmax(dim=1))

@@ -1,0 +1,205 @@
+"""Speed by memory layout (contiguous vs channels_last): U-Net training and inference, classifier inference.
+
+A U-Net training step is what ``medserve train segment`` does per batch: forward, Dice + cross-entropy loss,
+backward, AdamW step. Inference is one forward pass under ``torch.inference_mode``, the service's path, for
+U-Nets of several widths and for ``Classifier`` backbones (224x224, three channels, ``fc`` head). Layouts are
+timed in alternation, step by step, so that machine drift affects them alike; the tables show the median
+seconds per image and the speed-up of channels_last over the default layout.
+
+    flock /tmp/medserve-heavy.lock python benchmarks/bench_layout.py
+    python benchmarks/bench_layout.py --device cuda --batch-sizes 8 16   # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.classifier import BACKBONES, Classifier  # noqa: E402
+from models.inference import resolve_device  # noqa: E402
+from models.unet import UNet  # noqa: E402
+from training.losses import DiceCELoss  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+LAYOUTS = ("contiguous", "channels_last")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    channels: list[int], batch: int, size: int, steps: int, device: torch.device, seed: int = 0
+) -> dict[str, Any]:
+    """Median seconds per image for a training step and for inference, in both layouts."""
+    torch.manual_seed(seed)
+    nets: dict[str, tuple[UNet, torch.optim.Optimizer]] = {}
+    for layout in LAYOUTS:
+        net = UNet(in_channels=1, out_channels=2, channels=channels, norm="batch").to(device)
+        if layout == "channels_last":
+            net = net.to(memory_format=torch.channels_last)
+        nets[layout] = (net, torch.optim.AdamW(net.parameters(), lr=1e-3))
+    criterion = DiceCELoss().to(device)
+    images = torch.randn(batch, 1, size, size, device=device)
+    masks = torch.randint(0, 2, (batch, size, size), device=device)
+    train: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
+    infer: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
+    for step in range(steps + 1):  # step 0 warms up (allocations, kernel selection)
+        for layout, (net, optimizer) in nets.items():
+            x = images.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else images
+            net.train()
+            _sync(device)
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            criterion(net(x), masks).backward()
+            optimizer.step()
+            _sync(device)
+            train_s = time.perf_counter() - start
+            net.eval()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                net(x)
+            _sync(device)
+            infer_s = time.perf_counter() - start
+            if step:
+                train[layout].append(train_s / batch)
+                infer[layout].append(infer_s / batch)
+    row: dict[str, Any] = {"channels": channels, "batch": batch, "size": size, "steps": steps}
+    for layout in LAYOUTS:
+        row[f"train_s_per_image_{layout}"] = float(np.median(train[layout]))
+        row[f"infer_s_per_image_{layout}"] = float(np.median(infer[layout]))
+    row["train_speedup_channels_last"] = (
+        row["train_s_per_image_contiguous"] / row["train_s_per_image_channels_last"]
+    )
+    row["infer_speedup_channels_last"] = (
+        row["infer_s_per_image_contiguous"] / row["infer_s_per_image_channels_last"]
+    )
+    return row
+
+
+def measure_classifier(backbone: str, batch: int, steps: int, device: torch.device) -> dict[str, Any]:
+    """Median inference seconds per image of a randomly initialised classifier, in both layouts."""
+    torch.manual_seed(0)
+    base = Classifier(backbone, num_classes=2, in_channels=3).to(device).eval()
+    nets = {"contiguous": base}
+    twin = Classifier(backbone, num_classes=2, in_channels=3).to(device).eval()
+    twin.load_state_dict(base.state_dict())
+    nets["channels_last"] = twin.to(memory_format=torch.channels_last)
+    images = torch.randn(batch, 3, 224, 224, device=device)
+    times: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
+    with torch.inference_mode():
+        for step in range(steps + 1):
+            for layout, net in nets.items():
+                x = (
+                    images.contiguous(memory_format=torch.channels_last)
+                    if layout == "channels_last"
+                    else images
+                )
+                _sync(device)
+                start = time.perf_counter()
+                net(x)
+                _sync(device)
+                if step:
+                    times[layout].append((time.perf_counter() - start) / batch)
+    row: dict[str, Any] = {"backbone": backbone, "batch": batch, "steps": steps}
+    for layout in LAYOUTS:
+        row[f"infer_s_per_image_{layout}"] = float(np.median(times[layout]))
+    row["infer_speedup_channels_last"] = (
+        row["infer_s_per_image_contiguous"] / row["infer_s_per_image_channels_last"]
+    )
+    return row
+
+
+def parse_channels(text: str) -> list[int]:
+    return [int(c) for c in text.split(",")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--widths",
+        nargs="+",
+        type=parse_channels,
+        default=[[16, 32, 64, 128, 256], [24, 48, 96, 192, 384], [32, 64, 128, 256, 512]],
+        help="U-Net channel lists, e.g. 16,32,64,128,256 (default: base 16, 24 and 32, five levels)",
+    )
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
+    parser.add_argument(
+        "--backbones",
+        nargs="*",
+        choices=sorted(BACKBONES),
+        default=["resnet18", "resnet50", "densenet121", "mobilenet_v3_large", "efficientnet_b0"],
+        help="classifier backbones timed for inference (none: U-Net only)",
+    )
+    parser.add_argument("--size", type=int, default=256, help="crop side (default 256, the training default)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per layout after one warm-up")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    parser.add_argument("--out", type=Path, default=None, help="JSON report (default benchmarks/results/)")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    rows = [
+        measure(channels, batch, args.size, args.steps, device)
+        for channels in args.widths
+        for batch in args.batch_sizes
+    ]
+    classifier_rows = [
+        measure_classifier(backbone, batch, args.steps, device)
+        for backbone in args.backbones
+        for batch in args.batch_sizes
+    ]
+    created = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    report = {
+        "created_at": created,
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "unet": rows,
+        "classifiers": classifier_rows,
+    }
+    print(
+        f"U-Net, {args.size}x{args.size} crops, {device}, {torch.get_num_threads()} threads; s/image (median)"
+    )
+    print(
+        f"{'channels':<22} {'batch':>5} {'train':>8} {'train CL':>9} {'x':>5} {'infer':>8} {'infer CL':>9} {'x':>5}"
+    )
+    for r in rows:
+        print(
+            f"{','.join(map(str, r['channels'])):<22} {r['batch']:>5} "
+            f"{r['train_s_per_image_contiguous']:>8.3f} {r['train_s_per_image_channels_last']:>9.3f} "
+            f"{r['train_speedup_channels_last']:>5.2f} "
+            f"{r['infer_s_per_image_contiguous']:>8.4f} {r['infer_s_per_image_channels_last']:>9.4f} "
+            f"{r['infer_speedup_channels_last']:>5.2f}"
+        )
+    if classifier_rows:
+        print(f"\nClassifier inference, 224x224, {device}; s/image (median)")
+        print(f"{'backbone':<22} {'batch':>5} {'infer':>8} {'infer CL':>9} {'x':>5}")
+        for r in classifier_rows:
+            print(
+                f"{r['backbone']:<22} {r['batch']:>5} {r['infer_s_per_image_contiguous']:>8.4f} "
+                f"{r['infer_s_per_image_channels_last']:>9.4f} {r['infer_speedup_channels_last']:>5.2f}"
+            )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = args.out or RESULTS / f"layout-{created}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
