@@ -267,7 +267,11 @@ class KeepAliveConnection:
 
     async def send(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
         """Sends a request made by ``request_bytes``; returns (status, lower-case headers, body). Reconnects
-        on the next request when the server closed the connection."""
+        on the next request when the server closed the connection, by saying so or by closing an idle one
+        (uvicorn's keep-alive timeout is 5 s: a connection that waited longer, e.g. while slow warm-up
+        requests finished, is gone), as pooling HTTP clients do."""
+        if self._streams is not None and self._streams[0].at_eof():
+            await self.close()
         if self._streams is None:
             self._streams = await asyncio.open_connection(self.host, self.port)
         reader, writer = self._streams
