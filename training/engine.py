@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ def train_one_epoch(
     *,
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    after_step: Callable[[], None] | None = None,
     progress: Any = None,
 ) -> dict[str, float]:
     """One pass over ``data_loader``; the scheduler steps once per batch.
@@ -44,6 +45,7 @@ def train_one_epoch(
         device: where the model lives.
         amp_dtype: autocast dtype on CUDA (None = fp32).
         scaler: gradient scaler for fp16.
+        after_step: called after every optimizer step (e.g. to update a moving average of the weights).
         progress: an optional tqdm bar, advanced per batch, showing the running loss.
 
     Returns:
@@ -69,6 +71,8 @@ def train_one_epoch(
             loss.backward()
             optimizer.step()
         scheduler.step()
+        if after_step is not None:
+            after_step()
         total[0] += loss.detach().double() * images.shape[0]
         total[1] += images.shape[0]
         if progress is not None:

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
@@ -88,6 +89,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default 2e-3)")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
+    parser.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="decay of a moving average of the weights to validate and save instead of the raw weights, "
+        "e.g. 0.99 (about the last 100 steps); default 0 = off",
+    )
     parser.add_argument(
         "--warmup", type=float, default=0.05, help="fraction of steps of linear warm-up before cosine decay"
     )
@@ -291,9 +299,33 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--warmup must be in [0, 1)")
     if args.samples_per_epoch < 0:
         raise ValueError("--samples-per-epoch must be >= 0")
+    if not 0 <= args.ema < 1:
+        raise ValueError("--ema must be in [0, 1) (0 turns it off)")
 
 
 # ----------------------------------------------------------------------------------------------- training
+
+
+def ema_average(decay: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | int], torch.Tensor]:
+    """``avg_fn`` for ``AveragedModel``: an exponential moving average whose decay ramps up from 0.1 over the
+    first steps ((1 + n) / (10 + n), capped at ``decay``), so that short runs are not dominated by their
+    random start; integer buffers (BatchNorm's batch counter) take the latest value."""
+
+    def average(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
+        if not averaged.is_floating_point():
+            return current
+        steps = float(n)
+        d = min(decay, (1.0 + steps) / (10.0 + steps))
+        return averaged + (current - averaged) * (1.0 - d)
+
+    return average
+
+
+def weight_average(net: nn.Module, decay: float) -> AveragedModel | None:
+    """The moving average of ``net``'s weights and BatchNorm statistics, or None when ``decay`` is 0."""
+    if decay <= 0:
+        return None
+    return AveragedModel(net, avg_fn=ema_average(decay), use_buffers=True)
 
 
 @dataclass
@@ -308,7 +340,11 @@ class TrainResult:
 
 
 def run(args: argparse.Namespace) -> TrainResult:
-    """Trains according to ``args`` (the parsed command line) and returns the final (unwrapped) model."""
+    """Trains according to ``args`` (the parsed command line).
+
+    Returns the model as after the last epoch, unwrapped: the moving average of the weights (what is validated
+    and saved) unless ``--ema 0``, then the raw weights.
+    """
     _check_args(args)
     info, device = init_distributed(args.device)
     try:
@@ -335,6 +371,8 @@ def _run(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainRes
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     model: nn.Module = net
+    # Validated and saved instead of the raw weights: smoother than the last step's weights.
+    averaged = weight_average(net, args.ema)
     if info.enabled:
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -383,6 +421,8 @@ def _run(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainRes
     if args.resume is not None:
         state = load_train_state(args.resume)
         net.load_state_dict(state["model"])
+        if averaged is not None and state.get("ema"):
+            averaged.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
@@ -393,6 +433,7 @@ def _run(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainRes
         if info.main:
             log.info("resumed from %s at epoch %d", args.resume, start_epoch)
 
+    evaluated: nn.Module = net if averaged is None else averaged.module
     val_images = [prepare(im, data.spec) for im in data.val.images]
     shard = list(range(info.rank, len(val_images), info.world))
     metadata: CheckpointMetadata | None = None
@@ -432,13 +473,16 @@ def _run(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainRes
                 device,
                 amp_dtype=amp_dtype,
                 scaler=scaler,
+                after_step=None if averaged is None else lambda: averaged.update_parameters(net),
                 progress=bar,
             )
         )
         _sync_buffers(net, info)
+        if averaged is not None:
+            _sync_buffers(averaged, info)
         if val_images:
             scores: list[ImageScores] = evaluate(
-                net,
+                evaluated,
                 [val_images[i] for i in shard],
                 [data.val_targets[i] for i in shard],
                 k,
@@ -463,9 +507,11 @@ def _run(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainRes
             best = {"dice": row.get("val_dice", float("nan")), "epoch": epoch}
         if info.main:
             if improved:
-                metadata = save_checkpoint(out, net, _metadata(args, data, arch_args, row, info, samples))
+                metadata = save_checkpoint(
+                    out, evaluated, _metadata(args, data, arch_args, row, info, samples)
+                )
             write_history(out, history)
-            save_train_state(out, epoch, net, optimizer, scheduler, scaler, history, best)
+            save_train_state(out, epoch, net, optimizer, scheduler, scaler, history, best, averaged)
         if args.time_limit and time.monotonic() - started > args.time_limit and epoch < args.epochs:
             if info.main:
                 log.warning("time limit of %.0f s reached after epoch %d; stopping", args.time_limit, epoch)
@@ -479,7 +525,7 @@ def _run(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainRes
             f"best epoch {best.get('epoch')}: val Dice {best_row.get('val_dice', float('nan')):.4f}; "
             f"checkpoint {out}; {elapsed:.0f} s"
         )
-    return TrainResult(net, history, best, out, metadata)
+    return TrainResult(evaluated, history, best, out, metadata)
 
 
 def _metadata(
@@ -535,6 +581,7 @@ def save_train_state(
     scaler: torch.amp.GradScaler | None,
     history: list[dict[str, Any]],
     best: dict[str, Any],
+    averaged: AveragedModel | None = None,
 ) -> Path:
     """Everything ``--resume`` needs, as plain data + tensors (loadable with ``weights_only=True``)."""
     path = state_path(out)
@@ -547,6 +594,7 @@ def save_train_state(
         "scaler": scaler.state_dict() if scaler is not None else {},
         "history": json.dumps(history),
         "best": json.dumps(best),
+        "ema": {} if averaged is None else {k: v.detach().cpu() for k, v in averaged.state_dict().items()},
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)

@@ -80,10 +80,13 @@ def test_short_training_beats_otsu_on_held_out_phantoms(phantoms, tmp_path):
     assert (tmp_path / "learning_curves.png").stat().st_size > 1000
 
 
-def test_same_seed_gives_identical_weights_and_resume_continues_exactly(phantoms, tmp_path):
-
+@pytest.mark.parametrize("ema", ["0", "0.9"])
+def test_same_seed_gives_identical_weights_and_resume_continues_exactly(phantoms, tmp_path, ema):
+    # With --ema the returned model is the weight average: resuming must restore it too.
     def train(out, *options):
-        argv = train_argv("segment", phantoms / "train", out, "--samples-per-epoch", "16", *TINY, *options)
+        argv = train_argv(
+            "segment", phantoms / "train", out, "--samples-per-epoch", "16", "--ema", ema, *TINY, *options
+        )
         return run(_args(argv))
 
     a = train(tmp_path / "a" / "m.pt", "--epochs", "2")
@@ -140,3 +143,44 @@ def test_multiclass_index_masks_with_class_names(tmp_path):
     assert meta.classes == ["bg", "tooth", "filling"] and meta.extra["mask_mode"] == "index"
     assert meta.architecture.args["out_channels"] == 3
     assert set(result.history[0]["val_per_class_dice"]) == {"bg", "tooth", "filling"}
+
+
+def test_weight_average_follows_the_documented_decay():
+    from torch import nn
+
+    from training.train_segment import weight_average
+
+    net = nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1))
+    averaged = weight_average(net, 0.99)
+    assert averaged is not None and weight_average(net, 0.0) is None
+    conv = net[0]
+    with torch.no_grad():
+        conv.weight.fill_(0.0)
+    for _ in range(1000):  # long enough for the ramp (1 + n) / (10 + n) to pass 0.99 (at n = 891)
+        averaged.update_parameters(net)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    net[1].num_batches_tracked.fill_(7)
+    for _ in range(10):
+        averaged.update_parameters(net)
+    # Ten steps at decay 0.99 move the average 1 - 0.99**10 of the way: a smoothed, lagging copy.
+    assert averaged.module[0].weight.item() == pytest.approx(1 - 0.99**10, rel=1e-4)
+    assert averaged.module[1].num_batches_tracked.item() == 7  # integer buffers: the latest value
+
+
+def test_checkpoint_holds_the_weight_average_unless_turned_off(phantoms, tmp_path):
+    from training.train_segment import load_train_state
+
+    def train(name, *options):
+        out = tmp_path / name / "m.pt"
+        argv = train_argv("segment", phantoms / "train", out, "--samples-per-epoch", "16", "--epochs", "2")
+        run(_args([*argv, *TINY, "--val-split", "0", *options]))  # no validation: the last epoch is saved
+        return load_checkpoint(out)[1], load_train_state(out)
+
+    saved, state = train("ema", "--ema", "0.99")
+    assert any(not torch.equal(saved[k], state["model"][k]) for k in saved)
+    assert state["ema"] and "n_averaged" in state["ema"]
+    plain_saved, plain_state = train("plain")  # the default: off
+    for key, value in plain_saved.items():
+        assert torch.equal(value, plain_state["model"][key]), key
+    assert cli_main([*train_argv("segment", phantoms / "train", tmp_path / "x.pt"), "--ema", "1.5"]) == 2
