@@ -371,7 +371,7 @@ def _run(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainRes
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     model: nn.Module = net
-    # Validated and saved instead of the raw weights: smoother than the last step's weights.
+    # With --ema, the average is validated and saved instead of the raw weights (None when off).
     averaged = weight_average(net, args.ema)
     if info.enabled:
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
