@@ -17,6 +17,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from models.classifier import BACKBONES, Classifier  # noqa: E402
 from models.inference import resolve_device  # noqa: E402
 from models.unet import UNet  # noqa: E402
 from training.losses import DiceCELoss  # noqa: E402
+from training.train_segment import parse_channels  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 LAYOUTS = ("contiguous", "channels_last")
@@ -41,25 +43,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _in_layout(tensor: torch.Tensor, layout: str) -> torch.Tensor:
+    return tensor.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else tensor
+
+
+def _twins(make: Callable[[], torch.nn.Module], device: torch.device) -> dict[str, torch.nn.Module]:
+    """The network ``make()`` builds, once per layout, with the same weights."""
+    base = make().to(device)
+    twin = make().to(device)
+    twin.load_state_dict(base.state_dict())
+    return {"contiguous": base, "channels_last": twin.to(memory_format=torch.channels_last)}
+
+
+def _summarise(row: dict[str, Any], kind: str, times: dict[str, list[float]]) -> None:
+    """Adds the median seconds per image of each layout and the channels_last speed-up to ``row``."""
+    for layout in LAYOUTS:
+        row[f"{kind}_s_per_image_{layout}"] = float(np.median(times[layout]))
+    row[f"{kind}_speedup_channels_last"] = (
+        row[f"{kind}_s_per_image_contiguous"] / row[f"{kind}_s_per_image_channels_last"]
+    )
+
+
 def measure(
-    channels: list[int], batch: int, size: int, steps: int, device: torch.device, seed: int = 0
+    channels: Sequence[int], batch: int, size: int, steps: int, device: torch.device, seed: int = 0
 ) -> dict[str, Any]:
     """Median seconds per image for a training step and for inference, in both layouts."""
     torch.manual_seed(seed)
-    nets: dict[str, tuple[UNet, torch.optim.Optimizer]] = {}
-    for layout in LAYOUTS:
-        net = UNet(in_channels=1, out_channels=2, channels=channels, norm="batch").to(device)
-        if layout == "channels_last":
-            net = net.to(memory_format=torch.channels_last)
-        nets[layout] = (net, torch.optim.AdamW(net.parameters(), lr=1e-3))
+    nets = _twins(lambda: UNet(in_channels=1, out_channels=2, channels=list(channels), norm="batch"), device)
+    optimizers = {layout: torch.optim.AdamW(net.parameters(), lr=1e-3) for layout, net in nets.items()}
     criterion = DiceCELoss().to(device)
     images = torch.randn(batch, 1, size, size, device=device)
     masks = torch.randint(0, 2, (batch, size, size), device=device)
     train: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
     infer: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
     for step in range(steps + 1):  # step 0 warms up (allocations, kernel selection)
-        for layout, (net, optimizer) in nets.items():
-            x = images.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else images
+        for layout, net in nets.items():
+            optimizer = optimizers[layout]
+            x = _in_layout(images, layout)
             net.train()
             _sync(device)
             start = time.perf_counter()
@@ -77,37 +97,22 @@ def measure(
             if step:
                 train[layout].append(train_s / batch)
                 infer[layout].append(infer_s / batch)
-    row: dict[str, Any] = {"channels": channels, "batch": batch, "size": size, "steps": steps}
-    for layout in LAYOUTS:
-        row[f"train_s_per_image_{layout}"] = float(np.median(train[layout]))
-        row[f"infer_s_per_image_{layout}"] = float(np.median(infer[layout]))
-    row["train_speedup_channels_last"] = (
-        row["train_s_per_image_contiguous"] / row["train_s_per_image_channels_last"]
-    )
-    row["infer_speedup_channels_last"] = (
-        row["infer_s_per_image_contiguous"] / row["infer_s_per_image_channels_last"]
-    )
+    row: dict[str, Any] = {"channels": list(channels), "batch": batch, "size": size, "steps": steps}
+    _summarise(row, "train", train)
+    _summarise(row, "infer", infer)
     return row
 
 
 def measure_classifier(backbone: str, batch: int, steps: int, device: torch.device) -> dict[str, Any]:
     """Median inference seconds per image of a randomly initialised classifier, in both layouts."""
     torch.manual_seed(0)
-    base = Classifier(backbone, num_classes=2, in_channels=3).to(device).eval()
-    nets = {"contiguous": base}
-    twin = Classifier(backbone, num_classes=2, in_channels=3).to(device).eval()
-    twin.load_state_dict(base.state_dict())
-    nets["channels_last"] = twin.to(memory_format=torch.channels_last)
+    nets = _twins(lambda: Classifier(backbone, num_classes=2, in_channels=3).eval(), device)
     images = torch.randn(batch, 3, 224, 224, device=device)
     times: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
     with torch.inference_mode():
         for step in range(steps + 1):
             for layout, net in nets.items():
-                x = (
-                    images.contiguous(memory_format=torch.channels_last)
-                    if layout == "channels_last"
-                    else images
-                )
+                x = _in_layout(images, layout)
                 _sync(device)
                 start = time.perf_counter()
                 net(x)
@@ -115,16 +120,8 @@ def measure_classifier(backbone: str, batch: int, steps: int, device: torch.devi
                 if step:
                     times[layout].append((time.perf_counter() - start) / batch)
     row: dict[str, Any] = {"backbone": backbone, "batch": batch, "steps": steps}
-    for layout in LAYOUTS:
-        row[f"infer_s_per_image_{layout}"] = float(np.median(times[layout]))
-    row["infer_speedup_channels_last"] = (
-        row["infer_s_per_image_contiguous"] / row["infer_s_per_image_channels_last"]
-    )
+    _summarise(row, "infer", times)
     return row
-
-
-def parse_channels(text: str) -> list[int]:
-    return [int(c) for c in text.split(",")]
 
 
 def main(argv: list[str] | None = None) -> int:

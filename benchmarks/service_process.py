@@ -224,6 +224,12 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
     return int(status_line.split()[1]), headers, body
 
 
+async def close_writer(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
 class RawHttp:
     """A minimal HTTP/1.1 client on asyncio streams, for load generation: far less CPU per request than httpx,
     which matters when the load generator shares a 2-core machine with the service.
@@ -247,9 +253,7 @@ class RawHttp:
             await writer.drain()
             return await read_response(reader)
         finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+            await close_writer(writer)
 
 
 class KeepAliveConnection:
@@ -286,6 +290,4 @@ class KeepAliveConnection:
         if self._streams is not None:
             writer = self._streams[1]
             self._streams = None
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+            await close_writer(writer)

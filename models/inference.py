@@ -42,7 +42,7 @@ def autocast_context(device: torch.device, precision: Precision) -> contextlib.A
 def prepare_for_device(model: nn.Module, device: torch.device) -> nn.Module:
     """Moves the model to ``device`` in eval mode, in channels_last layout.
 
-    channels_last suits tensor cores on CUDA, and oneDNN on the CPU too: inference is 1.10-1.25x faster per
+    channels_last suits tensor cores on CUDA, and oneDNN on the CPU too: inference is 1.07-1.25x faster per
     image there for the U-Net and every classifier backbone measured (``benchmarks/bench_layout.py``).
     """
     return model.to(device).eval().to(memory_format=torch.channels_last)
