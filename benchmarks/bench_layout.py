@@ -64,21 +64,23 @@ def _summarise(row: dict[str, Any], kind: str, times: dict[str, list[float]]) ->
     )
 
 
-def measure(
-    channels: Sequence[int], batch: int, size: int, steps: int, device: torch.device, seed: int = 0
-) -> dict[str, Any]:
-    """Median seconds per image for a training step and for inference, in both layouts."""
-    torch.manual_seed(seed)
-    nets = _twins(lambda: UNet(in_channels=1, out_channels=2, channels=list(channels), norm="batch"), device)
-    optimizers = {layout: torch.optim.AdamW(net.parameters(), lr=1e-3) for layout, net in nets.items()}
+def time_unets(
+    nets: dict[str, tuple[torch.nn.Module, str]], batch: int, size: int, steps: int, device: torch.device
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Seconds per image of a training step and of inference for each named (U-Net, layout), in alternation.
+
+    Returns:
+        (train, infer): name -> one time per step, after one warm-up step that is not counted.
+    """
+    optimizers = {name: torch.optim.AdamW(net.parameters(), lr=1e-3) for name, (net, _layout) in nets.items()}
     criterion = DiceCELoss().to(device)
     images = torch.randn(batch, 1, size, size, device=device)
     masks = torch.randint(0, 2, (batch, size, size), device=device)
-    train: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
-    infer: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
+    train: dict[str, list[float]] = {name: [] for name in nets}
+    infer: dict[str, list[float]] = {name: [] for name in nets}
     for step in range(steps + 1):  # step 0 warms up (allocations, kernel selection)
-        for layout, net in nets.items():
-            optimizer = optimizers[layout]
+        for name, (net, layout) in nets.items():
+            optimizer = optimizers[name]
             x = _in_layout(images, layout)
             net.train()
             _sync(device)
@@ -95,8 +97,20 @@ def measure(
             _sync(device)
             infer_s = time.perf_counter() - start
             if step:
-                train[layout].append(train_s / batch)
-                infer[layout].append(infer_s / batch)
+                train[name].append(train_s / batch)
+                infer[name].append(infer_s / batch)
+    return train, infer
+
+
+def measure(
+    channels: Sequence[int], batch: int, size: int, steps: int, device: torch.device, seed: int = 0
+) -> dict[str, Any]:
+    """Median seconds per image for a training step and for inference, in both layouts."""
+    torch.manual_seed(seed)
+    nets = _twins(lambda: UNet(in_channels=1, out_channels=2, channels=list(channels), norm="batch"), device)
+    train, infer = time_unets(
+        {layout: (net, layout) for layout, net in nets.items()}, batch, size, steps, device
+    )
     row: dict[str, Any] = {"channels": list(channels), "batch": batch, "size": size, "steps": steps}
     _summarise(row, "train", train)
     _summarise(row, "infer", infer)

@@ -4,7 +4,7 @@ A checkpoint is one file written with ``torch.save`` holding only plain containe
 
     {
         "medserve_format": "medserve.checkpoint",
-        "format_version": 1,
+        "format_version": 2,
         "metadata": "<JSON text of CheckpointMetadata>",
         "state_dict": {name: tensor, ...},
     }
@@ -13,6 +13,10 @@ It is read with ``torch.load(..., weights_only=True)``, which refuses any pickle
 code, so a crafted file cannot execute anything. The metadata is stored as JSON text (not pickled objects) and
 validated with pydantic on load. ``version`` is a SHA-256 over the weights and the metadata (minus the version
 itself): the same model always has the same version, and any change to either gives a new one.
+
+Format history: version 2 added the U-Net's ``upsample`` argument with a new default (``deconv``). Version 1
+files are still read: their U-Nets were all built with nearest up-sampling, so ``upsample = "nearest"`` is
+filled in when the file does not say.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from torch import nn
 from models.preprocessing import Preprocessing
 
 FORMAT_NAME = "medserve.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SUFFIX = ".pt"
 
 
@@ -157,7 +161,17 @@ def load_checkpoint(path: str | Path) -> tuple[CheckpointMetadata, dict[str, tor
     state = payload.get("state_dict")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: checkpoint has no valid state_dict")
-    return metadata, state
+    return _upgrade(metadata, version), state
+
+
+def _upgrade(metadata: CheckpointMetadata, version: int) -> CheckpointMetadata:
+    """Fills in what older format versions left implicit, so they build the network they were saved from."""
+    if version < 2 and metadata.architecture.name == "unet":
+        args = {"upsample": "nearest", **metadata.architecture.args}
+        metadata = metadata.model_copy(
+            update={"architecture": metadata.architecture.model_copy(update={"args": args})}
+        )
+    return metadata
 
 
 def build_model(metadata: CheckpointMetadata) -> nn.Module:

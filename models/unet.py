@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 NORMS = ("batch", "instance", "none")
+UPSAMPLES = ("deconv", "nearest")
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -47,18 +48,44 @@ class DoubleConv(nn.Sequential):
 
 
 class Up(nn.Module):
-    """Up-sampling, a 2x2 convolution halving the channels, concatenation with the skip, and DoubleConv."""
+    """The paper's 2x2 "up-convolution" halving the channels, concatenation with the skip, and DoubleConv.
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, norm: str, dropout: float):
+    Args:
+        in_channels: channels of the coarser input (B, in_channels, H, W).
+        skip_channels: channels of the skip connection (B, skip_channels, 2H, 2W); the up-convolution maps
+            ``in_channels`` to this many.
+        out_channels: channels of the output (B, out_channels, 2H, 2W).
+        norm: normalisation of the DoubleConv.
+        dropout: dropout of the DoubleConv.
+        upsample: ``"deconv"``: a 2x2 transposed convolution with stride 2 (what the paper's Caffe model
+            uses); ``"nearest"``: nearest-neighbour up-sampling then a 2x2 convolution (padded below and on
+            the right), the layer of MedServe's first checkpoints, which costs 4x the multiply-adds.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        skip_channels: int,
+        out_channels: int,
+        norm: str,
+        dropout: float,
+        upsample: str = "deconv",
+    ) -> None:
         super().__init__()
-        self.up = nn.Upsample(scale_factor=2, mode="nearest")
-        # The paper's "2x2 up-convolution": nearest up-sampling then a 2x2 conv (padded asymmetrically below).
-        self.reduce = nn.Conv2d(in_channels, skip_channels, kernel_size=2)
+        self.upsample = upsample
+        self.reduce: nn.Module
+        if upsample == "deconv":
+            self.reduce = nn.ConvTranspose2d(in_channels, skip_channels, kernel_size=2, stride=2)
+        else:
+            self.reduce = nn.Conv2d(in_channels, skip_channels, kernel_size=2)
         self.conv = DoubleConv(skip_channels * 2, out_channels, norm, dropout)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = self.up(x)
-        x = self.reduce(F.pad(x, (0, 1, 0, 1), mode="replicate"))
+        if self.upsample == "deconv":
+            x = self.reduce(x)
+        else:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            x = self.reduce(F.pad(x, (0, 1, 0, 1), mode="replicate"))
         return self.conv(torch.cat([skip, x], dim=1))
 
 
@@ -66,8 +93,8 @@ class UNet(nn.Module):
     """U-Net for 2D semantic segmentation.
 
     The contracting path applies two 3x3 convolutions (+ optional norm) + ReLU per level followed by 2x2 max
-    pooling; the expansive path up-samples, applies a 2x2 convolution, concatenates the skip connection and
-    applies two 3x3 convolutions; a 1x1 convolution maps to class logits. Inputs whose height or width is not
+    pooling; the expansive path applies a 2x2 up-convolution, concatenates the skip connection and applies
+    two 3x3 convolutions; a 1x1 convolution maps to class logits. Inputs whose height or width is not
     divisible by ``2 ** (len(channels) - 1)`` are reflect-padded inside the model and the logits cropped back.
 
     Args:
@@ -76,12 +103,16 @@ class UNet(nn.Module):
         channels: feature width per level, from the top level down. Its length sets the depth; at least 2.
         norm: ``"batch"`` (default), ``"instance"`` or ``"none"``.
         dropout: dropout probability inside the two deepest blocks, in [0, 1).
+        upsample: the up-convolution: ``"deconv"`` (default; 2x2 transposed convolution, stride 2) or
+            ``"nearest"`` (nearest up-sampling + 2x2 convolution; checkpoints written before this argument
+            existed use it and load as such).
 
     Shapes:
         input (B, in_channels, H, W) -> output (B, out_channels, H, W), for any H, W >= 1.
 
     Raises:
-        ValueError: for a non-positive channel count, fewer than two levels, an unknown norm or a bad dropout.
+        ValueError: for a non-positive channel count, fewer than two levels, an unknown norm or upsample, or a
+            bad dropout.
     """
 
     def __init__(
@@ -91,6 +122,7 @@ class UNet(nn.Module):
         channels: Sequence[int] = (32, 64, 128, 256, 512),
         norm: str = "batch",
         dropout: float = 0.0,
+        upsample: str = "deconv",
     ) -> None:
         super().__init__()
         channels = tuple(int(c) for c in channels)
@@ -106,10 +138,13 @@ class UNet(nn.Module):
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if upsample not in UPSAMPLES:
+            raise ValueError(f"upsample must be one of {UPSAMPLES}, got {upsample!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.channels = channels
         self.depth = len(channels) - 1
+        self.upsample = upsample
 
         deep = max(0, len(channels) - 2)  # dropout only in the two deepest blocks, as in the paper
         self.down = nn.ModuleList(
@@ -118,7 +153,8 @@ class UNet(nn.Module):
         )
         self.pool = nn.MaxPool2d(2)
         self.up = nn.ModuleList(
-            Up(channels[i + 1], channels[i], channels[i], norm, 0.0) for i in reversed(range(self.depth))
+            Up(channels[i + 1], channels[i], channels[i], norm, 0.0, upsample)
+            for i in reversed(range(self.depth))
         )
         self.head = nn.Conv2d(channels[0], out_channels, kernel_size=1)
 

@@ -32,7 +32,7 @@ from models.checkpoint import Architecture, CheckpointMetadata, save_checkpoint
 from models.imageio import resolve_intensity
 from models.inference import Precision, resolve_device
 from models.preprocessing import Preprocessing, prepare
-from models.unet import NORMS, UNet
+from models.unet import NORMS, UPSAMPLES, UNet
 from training import data as D
 from training.engine import evaluate, train_one_epoch
 from training.losses import DiceCELoss
@@ -121,6 +121,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--norm", choices=NORMS, default="batch", help="normalisation layers (default batch)")
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout in the two deepest blocks")
+    parser.add_argument(
+        "--upsample",
+        choices=UPSAMPLES,
+        default="deconv",
+        help="up-convolution: deconv (2x2 transposed conv, default) or nearest (nearest + 2x2 conv, 4x the cost)",
+    )
     parser.add_argument(
         "--augment",
         choices=("full", "flips", "none"),
@@ -366,6 +372,7 @@ def _run(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainRes
         "channels": list(args.channels),
         "norm": args.norm,
         "dropout": args.dropout,
+        "upsample": getattr(args, "upsample", "deconv"),
     }
     net = UNet(**arch_args).to(device)
     if device.type == "cuda":

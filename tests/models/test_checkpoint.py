@@ -146,3 +146,35 @@ def test_plain_torch_file_is_not_a_checkpoint(tmp_path):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match=r"missing\.pt"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_format_version_1_unet_loads_with_nearest_upsampling_and_same_outputs(tmp_path):
+    # Files written before format version 2 do not name ``upsample``; their U-Nets all used nearest + 2x2 conv.
+    torch.manual_seed(0)
+    old = UNet(**ARCH, upsample="nearest").eval()
+    metadata = save_checkpoint(tmp_path / "tmp.pt", old, _metadata())
+    path = tmp_path / "v1.pt"
+    torch.save(
+        {
+            "medserve_format": FORMAT_NAME,
+            "format_version": 1,
+            "metadata": metadata.model_dump_json(),
+            "state_dict": old.state_dict(),
+        },
+        path,
+    )
+    loaded, meta = load_model(path)
+    assert meta.architecture.args["upsample"] == "nearest"
+    assert meta.version == metadata.version  # the model keeps its version
+    x = torch.randn(1, 1, 37, 29)
+    with torch.no_grad():
+        assert torch.equal(old(x), loaded(x))
+
+
+def test_current_format_without_upsample_builds_the_default_deconv(tmp_path):
+    model = _trained_model()
+    assert "upsample" not in ARCH
+    save_checkpoint(tmp_path / "new.pt", model, _metadata())
+    loaded, meta = load_model(tmp_path / "new.pt")
+    assert "upsample" not in meta.architecture.args
+    assert isinstance(loaded.up[0].reduce, torch.nn.ConvTranspose2d)

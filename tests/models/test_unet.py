@@ -14,8 +14,9 @@ from models.unet import UNet
         ((2, 4, 8, 16, 32), (31, 17)),
     ],
 )
-def test_output_has_input_size_for_any_size_and_depth(channels, size):
-    model = UNet(in_channels=3, out_channels=5, channels=channels).eval()
+@pytest.mark.parametrize("upsample", ["deconv", "nearest"])
+def test_output_has_input_size_for_any_size_and_depth(channels, size, upsample):
+    model = UNet(in_channels=3, out_channels=5, channels=channels, upsample=upsample).eval()
     with torch.no_grad():
         out = model(torch.randn(2, 3, *size))
     assert out.shape == (2, 5, *size)
@@ -59,6 +60,7 @@ def test_padding_is_cropped_back_not_leaking_size_dependence():
         {"dropout": -0.1},
         {"in_channels": 0},
         {"out_channels": 0},
+        {"upsample": "bilinear"},
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs):
@@ -70,3 +72,14 @@ def test_wrong_input_channels_raise_value_error():
     model = UNet(1, 2, channels=(4, 8))
     with pytest.raises(ValueError, match="expected input"):
         model(torch.randn(1, 3, 8, 8))
+
+
+def test_upsample_kinds_are_different_layers_with_a_deconv_default():
+    deconv, nearest = UNet(1, 2, channels=(4, 8)), UNet(1, 2, channels=(4, 8), upsample="nearest")
+    assert isinstance(deconv.up[0].reduce, torch.nn.ConvTranspose2d)
+    assert type(nearest.up[0].reduce) is torch.nn.Conv2d
+    # Same parameter names (old and new checkpoints share a layout), different weight shapes (in/out swapped),
+    # so weights of one kind can never be loaded silently into the other.
+    assert deconv.state_dict().keys() == nearest.state_dict().keys()
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        deconv.load_state_dict(nearest.state_dict())

@@ -67,6 +67,7 @@ def test_short_training_beats_otsu_on_held_out_phantoms(phantoms, tmp_path):
     # The checkpoint describes itself.
     assert meta.task == "segmentation" and meta.classes == ["background", "foreground"]
     assert meta.architecture.name == "unet" and meta.architecture.args["channels"] == [8, 16, 32]
+    assert meta.architecture.args["upsample"] == "deconv"
     assert meta.preprocessing.img_size == (64, 64) and meta.preprocessing.resize == "tile"
     assert 0 < meta.preprocessing.mean[0] < 1
     assert meta.training["epochs"] == 5 and meta.training["lr"] == 3e-3
@@ -138,10 +139,13 @@ def test_multiclass_index_masks_with_class_names(tmp_path):
             Image.fromarray(mask).save(tmp_path / "d" / "masks" / f"{i}.png")
     out = tmp_path / "m.pt"
     options = ["--epochs", "1", "--samples-per-epoch", "8", "--classes", "bg", "tooth", "filling", *TINY]
+    options += ["--upsample", "nearest"]
     result = run(_args(train_argv("segment", tmp_path / "d", out, *options)))
     meta, _state = load_checkpoint(out)
     assert meta.classes == ["bg", "tooth", "filling"] and meta.extra["mask_mode"] == "index"
-    assert meta.architecture.args["out_channels"] == 3
+    assert meta.architecture.args["out_channels"] == 3 and meta.architecture.args["upsample"] == "nearest"
+    model, _meta = load_model(out)
+    assert type(model.up[0].reduce) is torch.nn.Conv2d
     assert set(result.history[0]["val_per_class_dice"]) == {"bg", "tooth", "filling"}
 
 
