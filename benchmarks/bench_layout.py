@@ -55,19 +55,31 @@ def _twins(make: Callable[[], torch.nn.Module], device: torch.device) -> dict[st
     return {"contiguous": base, "channels_last": twin.to(memory_format=torch.channels_last)}
 
 
-def _summarise(row: dict[str, Any], kind: str, times: dict[str, list[float]]) -> None:
-    """Adds the median seconds per image of each layout and the channels_last speed-up to ``row``."""
-    for layout in LAYOUTS:
-        row[f"{kind}_s_per_image_{layout}"] = float(np.median(times[layout]))
-    row[f"{kind}_speedup_channels_last"] = (
-        row[f"{kind}_s_per_image_contiguous"] / row[f"{kind}_s_per_image_channels_last"]
+def summarise(
+    row: dict[str, Any], kind: str, times: dict[str, list[float]], baseline: str, candidate: str
+) -> None:
+    """Adds the median seconds per image of ``baseline`` and ``candidate`` and the candidate's speed-up to ``row``."""
+    for name in (baseline, candidate):
+        row[f"{kind}_s_per_image_{name}"] = float(np.median(times[name]))
+    row[f"{kind}_speedup_{candidate}"] = (
+        row[f"{kind}_s_per_image_{baseline}"] / row[f"{kind}_s_per_image_{candidate}"]
     )
 
 
 def time_unets(
-    nets: dict[str, tuple[torch.nn.Module, str]], batch: int, size: int, steps: int, device: torch.device
+    nets: dict[str, tuple[torch.nn.Module, str]],
+    batch: int,
+    size: int,
+    steps: int,
+    device: torch.device,
+    *,
+    train: bool = True,
+    infer: bool = True,
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Seconds per image of a training step and of inference for each named (U-Net, layout), in alternation.
+
+    Args:
+        train, infer: which of the two to time (the other's lists stay empty).
 
     Returns:
         (train, infer): name -> one time per step, after one warm-up step that is not counted.
@@ -76,30 +88,32 @@ def time_unets(
     criterion = DiceCELoss().to(device)
     images = torch.randn(batch, 1, size, size, device=device)
     masks = torch.randint(0, 2, (batch, size, size), device=device)
-    train: dict[str, list[float]] = {name: [] for name in nets}
-    infer: dict[str, list[float]] = {name: [] for name in nets}
+    train_times: dict[str, list[float]] = {name: [] for name in nets}
+    infer_times: dict[str, list[float]] = {name: [] for name in nets}
     for step in range(steps + 1):  # step 0 warms up (allocations, kernel selection)
         for name, (net, layout) in nets.items():
-            optimizer = optimizers[name]
             x = _in_layout(images, layout)
-            net.train()
-            _sync(device)
-            start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            criterion(net(x), masks).backward()
-            optimizer.step()
-            _sync(device)
-            train_s = time.perf_counter() - start
-            net.eval()
-            start = time.perf_counter()
-            with torch.inference_mode():
-                net(x)
-            _sync(device)
-            infer_s = time.perf_counter() - start
-            if step:
-                train[name].append(train_s / batch)
-                infer[name].append(infer_s / batch)
-    return train, infer
+            if train:
+                optimizer = optimizers[name]
+                net.train()
+                _sync(device)
+                start = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                criterion(net(x), masks).backward()
+                optimizer.step()
+                _sync(device)
+                if step:
+                    train_times[name].append((time.perf_counter() - start) / batch)
+            if infer:
+                net.eval()
+                _sync(device)
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    net(x)
+                _sync(device)
+                if step:
+                    infer_times[name].append((time.perf_counter() - start) / batch)
+    return train_times, infer_times
 
 
 def measure(
@@ -112,8 +126,8 @@ def measure(
         {layout: (net, layout) for layout, net in nets.items()}, batch, size, steps, device
     )
     row: dict[str, Any] = {"channels": list(channels), "batch": batch, "size": size, "steps": steps}
-    _summarise(row, "train", train)
-    _summarise(row, "infer", infer)
+    summarise(row, "train", train, *LAYOUTS)
+    summarise(row, "infer", infer, *LAYOUTS)
     return row
 
 
@@ -134,22 +148,48 @@ def measure_classifier(backbone: str, batch: int, steps: int, device: torch.devi
                 if step:
                     times[layout].append((time.perf_counter() - start) / batch)
     row: dict[str, Any] = {"backbone": backbone, "batch": batch, "steps": steps}
-    _summarise(row, "infer", times)
+    summarise(row, "infer", times, *LAYOUTS)
     return row
+
+
+def add_unet_arguments(parser: argparse.ArgumentParser, widths: list[list[int]], widths_help: str) -> None:
+    """The options every U-Net timing script takes: widths, batch sizes, crop size, steps, device, report."""
+    parser.add_argument("--widths", nargs="+", type=parse_channels, default=widths, help=widths_help)
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--size", type=int, default=256, help="crop side (default 256, the training default)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant after one warm-up")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    parser.add_argument("--out", type=Path, default=None, help="JSON report (default benchmarks/results/)")
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What a report records about where it was measured; ``created_at`` also names the default file."""
+    return {
+        "created_at": datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"),
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+    }
+
+
+def write_report(report: dict[str, Any], prefix: str, out: Path | None) -> None:
+    """Writes ``report`` to ``out`` or to ``benchmarks/results/<prefix>-<created_at>.json``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = out or RESULTS / f"{prefix}-{report['created_at']}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--widths",
-        nargs="+",
-        type=parse_channels,
-        default=[[16, 32, 64, 128, 256], [24, 48, 96, 192, 384], [32, 64, 128, 256, 512]],
-        help="U-Net channel lists, e.g. 16,32,64,128,256 (default: base 16, 24 and 32, five levels)",
+    add_unet_arguments(
+        parser,
+        [[16, 32, 64, 128, 256], [24, 48, 96, 192, 384], [32, 64, 128, 256, 512]],
+        "U-Net channel lists, e.g. 16,32,64,128,256 (default: base 16, 24 and 32, five levels)",
     )
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
     parser.add_argument(
         "--backbones",
         nargs="*",
@@ -157,10 +197,6 @@ def main(argv: list[str] | None = None) -> int:
         default=["resnet18", "resnet50", "densenet121", "mobilenet_v3_large", "efficientnet_b0"],
         help="classifier backbones timed for inference (none: U-Net only)",
     )
-    parser.add_argument("--size", type=int, default=256, help="crop side (default 256, the training default)")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per layout after one warm-up")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    parser.add_argument("--out", type=Path, default=None, help="JSON report (default benchmarks/results/)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     rows = [
@@ -173,16 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         for backbone in args.backbones
         for batch in args.batch_sizes
     ]
-    created = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    report = {
-        "created_at": created,
-        "device": str(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "unet": rows,
-        "classifiers": classifier_rows,
-    }
+    report = {**environment(device), "unet": rows, "classifiers": classifier_rows}
     print(
         f"U-Net, {args.size}x{args.size} crops, {device}, {torch.get_num_threads()} threads; s/image (median)"
     )
@@ -205,10 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['backbone']:<22} {r['batch']:>5} {r['infer_s_per_image_contiguous']:>8.4f} "
                 f"{r['infer_s_per_image_channels_last']:>9.4f} {r['infer_speedup_channels_last']:>5.2f}"
             )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = args.out or RESULTS / f"layout-{created}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_report(report, "layout", args.out)
     return 0
 
 

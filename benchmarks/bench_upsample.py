@@ -13,26 +13,20 @@ table shows median seconds per image and how much faster ``deconv`` is.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_layout import time_unets  # noqa: E402  (benchmarks/, the script's own folder)
+# benchmarks/, the script's own folder
+from bench_layout import add_unet_arguments, environment, summarise, time_unets, write_report  # noqa: E402
 
 from models.inference import resolve_device  # noqa: E402
 from models.unet import UPSAMPLES, UNet  # noqa: E402
-from training.train_segment import parse_channels  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def measure(channels: list[int], batch: int, size: int, steps: int, device: torch.device) -> dict[str, Any]:
@@ -46,10 +40,10 @@ def measure(channels: list[int], batch: int, size: int, steps: int, device: torc
             if layout == "channels_last":
                 net = net.to(memory_format=torch.channels_last)
             nets[kind] = (net, layout)
-        times = time_unets(nets, batch, size, steps, device)[0 if path == "train" else 1]
-        for kind in UPSAMPLES:
-            row[f"{path}_s_per_image_{kind}"] = float(np.median(times[kind]))
-        row[f"{path}_speedup_deconv"] = row[f"{path}_s_per_image_nearest"] / row[f"{path}_s_per_image_deconv"]
+        train, infer = time_unets(
+            nets, batch, size, steps, device, train=path == "train", infer=path == "infer"
+        )
+        summarise(row, path, train if path == "train" else infer, "nearest", "deconv")
     return row
 
 
@@ -57,18 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--widths",
-        nargs="+",
-        type=parse_channels,
-        default=[[16, 32, 64, 128, 256], [32, 64, 128, 256, 512]],
-        help="U-Net channel lists (default: the training default 16-256 and the service benchmark's 32-512)",
+    add_unet_arguments(
+        parser,
+        [[16, 32, 64, 128, 256], [32, 64, 128, 256, 512]],
+        "U-Net channel lists (default: the training default 16-256 and the service benchmark's 32-512)",
     )
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
-    parser.add_argument("--size", type=int, default=256, help="crop side (default 256, the training default)")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per kind after one warm-up")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    parser.add_argument("--out", type=Path, default=None, help="JSON report (default benchmarks/results/)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     rows = [
@@ -76,15 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         for channels in args.widths
         for batch in args.batch_sizes
     ]
-    created = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    report = {
-        "created_at": created,
-        "device": str(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "unet": rows,
-    }
+    report = {**environment(device), "unet": rows}
     print(f"U-Net up-convolution, {args.size}x{args.size}, {device}, {torch.get_num_threads()} threads")
     print("s/image (median); train: contiguous, infer: channels_last")
     header = f"{'channels':<22} {'batch':>5} {'train nearest':>14} {'train deconv':>13} {'x':>5}"
@@ -97,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['infer_s_per_image_nearest']:>14.4f} {r['infer_s_per_image_deconv']:>13.4f} "
             f"{r['infer_speedup_deconv']:>5.2f}"
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = args.out or RESULTS / f"upsample-{created}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_report(report, "upsample", args.out)
     return 0
 
 
