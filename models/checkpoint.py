@@ -66,6 +66,18 @@ class CheckpointMetadata(BaseModel):
     extra: dict[str, Any] = Field(default_factory=dict, description="task-specific data, e.g. calibration")
     version: str = Field(default="", description="content hash of weights + metadata; the model's version")
 
+    @property
+    def tta_flips(self) -> list[str]:
+        """The flips the model was trained with, which test-time augmentation may average over.
+
+        Recorded in ``extra["tta_flips"]`` since vertical flips became optional; segmentation checkpoints
+        written before that were trained with both flips.
+        """
+        stored = self.extra.get("tta_flips")
+        if stored is None:
+            return ["horizontal", "vertical"]
+        return [str(f) for f in stored]
+
 
 def library_versions() -> dict[str, str]:
     import torchvision

@@ -20,6 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 Precision = Literal["fp32", "fp16", "bf16"]
+Flip = Literal["horizontal", "vertical"]
+FLIPS: tuple[Flip, ...] = ("horizontal", "vertical")
+# Tensor dimension each flip mirrors in a (B, C, H, W) batch.
+_FLIP_DIMS = {"horizontal": 3, "vertical": 2}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -128,6 +132,7 @@ def segment_probabilities(
     overlap: float = 0.25,
     batch_size: int = 8,
     tta: bool = False,
+    flips: Sequence[str] = FLIPS,
     device: torch.device | None = None,
     precision: Precision = "fp32",
 ) -> list[torch.Tensor]:
@@ -139,10 +144,17 @@ def segment_probabilities(
         tile: window (height, width), normally the training size.
         overlap: fraction of a window shared with its neighbour.
         batch_size: windows per forward pass (windows of all images are pooled).
-        tta: average over identity, horizontal and vertical flips (test-time augmentation).
+        tta: average over the identity and ``flips`` (test-time augmentation).
+        flips: the flips ``tta`` averages over: ``horizontal`` and/or ``vertical``. Use those the model was
+            trained with (``CheckpointMetadata.tta_flips``): a flip it never saw in training undoes what it
+            learned about the masks' orientation.
         device: where to run; defaults to the model's device.
         precision: ``fp32``, or ``fp16``/``bf16`` autocast on CUDA.
     """
+    unknown = sorted(set(flips) - set(FLIPS))
+    if unknown:
+        raise ValueError(f"unknown flips {unknown}; use {list(FLIPS)}")
+    flip_dims = [(_FLIP_DIMS[f],) for f in flips] if tta else []
     if device is None:
         device = next(model.parameters()).device
     tilings: list[Tiling] = []
@@ -155,11 +167,10 @@ def segment_probabilities(
     outputs = []
     for chunk in _chunks(stacked, max(1, batch_size)):
         probs = torch.softmax(forward(model, chunk, device, precision), dim=1)
-        if tta:
-            for dims in ((3,), (2,)):
-                flipped = forward(model, torch.flip(chunk, dims), device, precision)
-                probs += torch.flip(torch.softmax(flipped, dim=1), dims)
-            probs /= 3
+        for dims in flip_dims:
+            flipped = forward(model, torch.flip(chunk, dims), device, precision)
+            probs += torch.flip(torch.softmax(flipped, dim=1), dims)
+        probs /= 1 + len(flip_dims)
         outputs.append(probs)
     tile_probs = torch.cat(outputs)
     results = []

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.inference import Precision, segment_probabilities
+from models.inference import FLIPS, Precision, segment_probabilities
 from training.metrics import ImageScores, score_image
 
 
@@ -91,6 +91,7 @@ def predict_labels(
     overlap: float,
     tta: bool,
     device: torch.device,
+    flips: Sequence[str] = FLIPS,
     batch_size: int = 8,
     precision: Precision = "fp32",
 ) -> list[np.ndarray]:
@@ -105,6 +106,7 @@ def predict_labels(
         overlap=overlap,
         batch_size=batch_size,
         tta=tta,
+        flips=flips,
         device=device,
         precision=precision,
     )
@@ -120,6 +122,7 @@ def evaluate(
     *,
     overlap: float = 0.25,
     tta: bool = False,
+    flips: Sequence[str] = FLIPS,
     device: torch.device,
     batch_size: int = 8,
     precision: Precision = "fp32",
@@ -138,6 +141,7 @@ def evaluate(
         tile,
         overlap=overlap,
         tta=tta,
+        flips=flips,
         device=device,
         batch_size=batch_size,
         precision=precision,

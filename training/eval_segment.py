@@ -2,7 +2,8 @@
 
 Every image of ``DIR/images`` (with ``DIR/masks``) is predicted at full resolution by sliding-window inference
 (``models.inference.segment_probabilities``; windows of the training crop size, overlapping and blended), with
-flip test-time augmentation unless ``--no-tta``. The baselines of ``training.baselines`` run on the same images.
+test-time augmentation over the flips the model was trained with unless ``--no-tta``. The baselines of
+``training.baselines`` run on the same images.
 
 Writes ``OUTDIR/report.json`` (``n_images``; ``methods`` -> ``unet``/``otsu``/``kmeans``/``region_growing`` ->
 ``dice``, ``iou``, ``hd95``, ``per_class_dice``), ``OUTDIR/report.md``, ``OUTDIR/per_image.csv`` and contour
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tta",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="average the prediction over horizontal and vertical flips (default on)",
+        help="average the prediction over the flips the model was trained with (default on)",
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     parser.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass (default 8)")
@@ -165,6 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             spec.img_size,
             overlap=overlap,
             tta=args.tta,
+            flips=meta.tta_flips,
             device=device,
             batch_size=args.batch_size,
         )
@@ -205,9 +207,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             targets[i],
             caption=f"{data.stems[i]}: U-Net Dice {scores['unet'][i]['dice']:.3f}",
         )
+    if not args.tta:
+        tta = "flip TTA off"
+    elif meta.tta_flips:
+        tta = f"flip TTA over {' and '.join(meta.tta_flips)} flips (those of training)"
+    else:
+        tta = "flip TTA off (the model was trained without flips)"
     settings = (
         f"Prediction at full resolution with {spec.img_size[0]}x{spec.img_size[1]} tiles, overlap {overlap:.2f}, "
-        f"flip TTA {'on' if args.tta else 'off'}; {time.monotonic() - started:.0f} s on {device}."
+        f"{tta}; {time.monotonic() - started:.0f} s on {device}."
     )
     write_markdown(out / "report.md", report, meta, Path(args.model), Path(args.data), settings)
     return report

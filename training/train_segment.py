@@ -134,6 +134,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="augmentation preset (default full)",
     )
     parser.add_argument(
+        "--hflip",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="random horizontal flips (default on; also the flips of test-time augmentation)",
+    )
+    parser.add_argument(
+        "--vflip",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="random vertical flips (default off: X-rays have an up and a down, and flips hide a consistent "
+        "sub-pixel offset of the masks from the model; README 'Flips and mask offsets')",
+    )
+    parser.add_argument(
         "--elastic-sigma", type=float, default=10.0, help="elastic displacement std in pixels (0 = off)"
     )
     parser.add_argument("--dice-weight", type=float, default=1.0, help="weight of the soft Dice loss")
@@ -293,6 +306,15 @@ def _lr_lambda(total_steps: int, warmup_steps: int) -> Any:
     return factor
 
 
+def trained_flips(args: argparse.Namespace) -> list[str]:
+    """The flips the augmentation applies, hence those test-time augmentation may use (stored as
+    ``extra["tta_flips"]``)."""
+    if args.augment == "none":
+        return []
+    chosen = {"horizontal": getattr(args, "hflip", True), "vertical": getattr(args, "vflip", False)}
+    return [name for name, on in chosen.items() if on]
+
+
 def _check_args(args: argparse.Namespace) -> None:
     if Path(args.out).suffix != ".pt":
         raise ValueError(f"--out must name a .pt checkpoint file, got {args.out}")
@@ -383,7 +405,13 @@ def _run(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainRes
     if info.enabled:
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    augment = SegmentationAugment.preset(args.augment, data.spec.img_size, elastic_sigma=args.elastic_sigma)
+    augment = SegmentationAugment.preset(
+        args.augment,
+        data.spec.img_size,
+        elastic_sigma=args.elastic_sigma,
+        hflip=getattr(args, "hflip", True),
+        vflip=getattr(args, "vflip", False),
+    )
     samples = args.samples_per_epoch or D.default_samples_per_epoch(data.train.images, data.spec.img_size)
     samples = max(samples, args.batch_size * info.world)
     dataset = D.SegmentationDataset(
@@ -496,6 +524,7 @@ def _run(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainRes
                 data.spec.img_size,
                 overlap=data.spec.tile_overlap,
                 tta=args.val_tta,
+                flips=trained_flips(args),
                 device=device,
                 batch_size=max(args.batch_size, 4),
                 precision=precision,
@@ -558,6 +587,7 @@ def _metadata(
         "mask_mode": data.mode,
         # Mask value written for each class index: binary masks come back as 0/255, like the training data.
         "mask_values": [0, 255] if data.mode == "binary" else list(range(len(data.classes))),
+        "tta_flips": trained_flips(args),
     }
     if len(data.train) + len(data.val) <= 2000:
         extra["split"] = {"train": data.train.stems, "val": data.val.stems}

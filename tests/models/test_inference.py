@@ -40,6 +40,32 @@ def test_probabilities_have_the_input_size_and_sum_to_one(tta):
         assert torch.allclose(p.sum(0), torch.ones(image.shape[-2:]), atol=1e-5)
 
 
+def test_tta_averages_the_identity_and_only_the_requested_flips():
+    torch.manual_seed(0)
+    model = nn.Conv2d(1, 2, 3, padding=1).eval()  # a random kernel: not symmetric under any flip
+    image = torch.randn(1, 32, 32)
+
+    def direct(flip_dims=()):
+        with torch.no_grad():
+            x = image.flip(flip_dims) if flip_dims else image
+            p = torch.softmax(model(x[None]), dim=1)[0]
+            return p.flip(flip_dims) if flip_dims else p
+
+    def tta(flips, enabled=True):
+        return segment_probabilities(model, [image], (32, 32), tta=enabled, flips=flips)[0]
+
+    plain, mirrored_x, mirrored_y = direct(), direct((-1,)), direct((-2,))
+    assert not torch.allclose(plain, mirrored_x, atol=1e-3)
+    assert not torch.allclose(plain, mirrored_y, atol=1e-3)
+    assert torch.allclose(tta([]), plain, atol=1e-5)
+    assert torch.allclose(tta(["horizontal"]), (plain + mirrored_x) / 2, atol=1e-5)
+    assert torch.allclose(tta(["vertical"]), (plain + mirrored_y) / 2, atol=1e-5)
+    assert torch.allclose(tta(["horizontal", "vertical"]), (plain + mirrored_x + mirrored_y) / 3, atol=1e-5)
+    assert torch.allclose(tta(["horizontal", "vertical"], enabled=False), plain, atol=1e-5)
+    with pytest.raises(ValueError, match="diagonal"):
+        tta(["diagonal"])
+
+
 def test_tiled_prediction_of_a_large_image_matches_full_image_prediction():
     torch.manual_seed(0)
     # A fully convolutional net with a small receptive field (5x5): tiling only changes pixels whose

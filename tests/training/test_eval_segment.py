@@ -16,7 +16,7 @@ METHODS = {"unet", "otsu", "kmeans", "region_growing"}
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _checkpoint(path, task="segmentation"):
+def _checkpoint(path, task="segmentation", tta_flips=None):
     torch.manual_seed(0)
     args = {"in_channels": 1, "out_channels": 2, "channels": [4, 8], "norm": "batch", "dropout": 0.0}
     model = UNet(**args).eval()
@@ -25,7 +25,8 @@ def _checkpoint(path, task="segmentation"):
         architecture=Architecture(name="unet", args=args),
         classes=["background", "tooth"],
         preprocessing=Preprocessing(in_channels=1, img_size=(48, 48), mean=[0.3], std=[0.2]),
-        extra={"mask_mode": "binary", "mask_values": [0, 255]},
+        extra={"mask_mode": "binary", "mask_values": [0, 255]}
+        | ({} if tta_flips is None else {"tta_flips": tta_flips}),
     )
     save_checkpoint(path, model, meta)
     return path
@@ -53,6 +54,19 @@ def test_report_has_every_method_and_field_and_overlays(tmp_path):
     overlays = sorted(p.name for p in (out / "overlays").iterdir())
     assert len(overlays) == 2 and overlays[0].startswith("best_1_") and overlays[1].startswith("worst_1_")
     assert len((out / "per_image.csv").read_text().splitlines()) == 1 + 4 * 4
+    # A checkpoint that does not record its training flips predates optional vertical flips: both were used.
+    assert "flip TTA over horizontal and vertical flips" in markdown
+
+
+def test_tta_uses_only_the_flips_the_model_was_trained_with(tmp_path):
+    generate_dental(tmp_path / "data", 1, 64, seed=6)
+    model = _checkpoint(tmp_path / "m.pt", tta_flips=["horizontal"])
+    code = cli_main(eval_argv("segment", model, tmp_path / "data", tmp_path / "h", "--device", "cpu"))
+    assert code == 0
+    assert "flip TTA over horizontal flips (those of training)" in (tmp_path / "h" / "report.md").read_text()
+    model = _checkpoint(tmp_path / "n.pt", tta_flips=[])
+    assert cli_main(eval_argv("segment", model, tmp_path / "data", tmp_path / "n", "--device", "cpu")) == 0
+    assert "trained without flips" in (tmp_path / "n" / "report.md").read_text()
 
 
 def test_full_resolution_prediction_without_tta(tmp_path):

@@ -14,7 +14,7 @@ from training.cli import main as cli_main
 from training.engine import evaluate
 from training.metrics import aggregate, score_image
 from training.synthetic import generate_dental
-from training.train_segment import run, state_path
+from training.train_segment import run, state_path, trained_flips
 
 TINY = ["--img-size", "64", "--channels", "8,16,32", "--batch-size", "8", "--lr", "3e-3", "--device", "cpu"]
 
@@ -68,6 +68,9 @@ def test_short_training_beats_otsu_on_held_out_phantoms(phantoms, tmp_path):
     assert meta.task == "segmentation" and meta.classes == ["background", "foreground"]
     assert meta.architecture.name == "unet" and meta.architecture.args["channels"] == [8, 16, 32]
     assert meta.architecture.args["upsample"] == "deconv"
+    # Horizontal flips only by default, and evaluation's TTA uses just those.
+    assert meta.training["hflip"] is True and meta.training["vflip"] is False
+    assert meta.extra["tta_flips"] == ["horizontal"] and meta.tta_flips == ["horizontal"]
     assert meta.preprocessing.img_size == (64, 64) and meta.preprocessing.resize == "tile"
     assert 0 < meta.preprocessing.mean[0] < 1
     assert meta.training["epochs"] == 5 and meta.training["lr"] == 3e-3
@@ -188,3 +191,19 @@ def test_checkpoint_holds_the_weight_average_unless_turned_off(phantoms, tmp_pat
     for key, value in plain_saved.items():
         assert torch.equal(value, plain_state["model"][key]), key
     assert cli_main([*train_argv("segment", phantoms / "train", tmp_path / "x.pt"), "--ema", "1.5"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "flips"),
+    [
+        ([], ["horizontal"]),
+        (["--vflip"], ["horizontal", "vertical"]),
+        (["--no-hflip", "--vflip"], ["vertical"]),
+        (["--no-hflip"], []),
+        (["--vflip", "--augment", "none"], []),
+        (["--vflip", "--augment", "flips"], ["horizontal", "vertical"]),
+    ],
+)
+def test_flip_options_decide_the_flips_recorded_for_tta(options, flips):
+    args = _args(["train", "segment", "--data", "d", "--out", "m.pt", *options])
+    assert trained_flips(args) == flips

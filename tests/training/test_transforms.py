@@ -56,6 +56,35 @@ def test_geometry_actually_changes_and_is_seedable():
     assert len(outputs) > 5
 
 
+def _flips_applied(augment, image, seeds=40):
+    """Which mirrorings of ``image`` the augmentation produced (its crop size is the whole image)."""
+    kinds = {
+        "none": image,
+        "vertical": image[:, ::-1, :],
+        "horizontal": image[:, :, ::-1],
+        "both": image[:, ::-1, ::-1],
+    }
+    mask = np.zeros(image.shape[1:], dtype=np.int64)
+    seen = set()
+    for seed in range(seeds):
+        out, _ = augment(image, mask, np.random.default_rng(seed))
+        seen |= {name for name, ref in kinds.items() if np.allclose(out, ref, atol=1e-6)}
+    return seen
+
+
+def test_vertical_flips_are_off_by_default_and_can_be_chosen():
+    image = np.random.default_rng(0).random((1, 24, 20)).astype(np.float32)
+    assert _flips_applied(SegmentationAugment.preset("flips", (24, 20)), image) == {"none", "horizontal"}
+    assert _flips_applied(SegmentationAugment.preset("flips", (24, 20), hflip=False, vflip=True), image) == {
+        "none",
+        "vertical",
+    }
+    both = SegmentationAugment.preset("flips", (24, 20), vflip=True)
+    assert _flips_applied(both, image) == {"none", "vertical", "horizontal", "both"}
+    full = SegmentationAugment.preset("full", (24, 20))
+    assert full.hflip == 0.5 and full.vflip == 0.0 and full.p_elastic > 0
+
+
 def test_plain_crop_is_an_exact_window():
     image, mask = _pair()
     out_img, out_mask = SegmentationAugment.preset("none", (32, 40))(image, mask, np.random.default_rng(0))
