@@ -1,4 +1,5 @@
 import pickle
+from typing import Any
 
 import pytest
 import torch
@@ -16,7 +17,13 @@ from models.checkpoint import (
 from models.preprocessing import Preprocessing
 from models.unet import UNet
 
-ARCH = {"in_channels": 1, "out_channels": 3, "channels": [4, 8, 16], "norm": "batch", "dropout": 0.0}
+ARCH: dict[str, Any] = {
+    "in_channels": 1,
+    "out_channels": 3,
+    "channels": [4, 8, 16],
+    "norm": "batch",
+    "dropout": 0.0,
+}
 
 
 def _metadata() -> CheckpointMetadata:
@@ -70,6 +77,7 @@ def test_version_is_a_content_hash(tmp_path):
     assert a.version == b.version and len(a.version) == 16
     meta, state = load_checkpoint(tmp_path / "a.pt")
     assert content_hash(state, meta) == meta.version
+    assert model.head.bias is not None
     with torch.no_grad():
         model.head.bias.add_(1e-3)
     c = save_checkpoint(tmp_path / "c.pt", model, _metadata().model_copy(update={"created_at": a.created_at}))
@@ -177,4 +185,5 @@ def test_current_format_without_upsample_builds_the_default_deconv(tmp_path):
     save_checkpoint(tmp_path / "new.pt", model, _metadata())
     loaded, meta = load_model(tmp_path / "new.pt")
     assert "upsample" not in meta.architecture.args
+    assert isinstance(loaded, UNet)
     assert isinstance(loaded.up[0].reduce, torch.nn.ConvTranspose2d)

@@ -123,7 +123,7 @@ def test_served_layout_changes_no_answer(batch):
         (lambda: Classifier("resnet18", num_classes=3, in_channels=1, head="gap"), (batch, 1, 64, 64)),
     ):
         trained = make().eval()
-        served = make()
+        served: nn.Module = make()
         served.load_state_dict(trained.state_dict())
         served = prepare_for_device(served, cpu)
         x = torch.randn(*shape)

@@ -53,8 +53,8 @@ def test_three_classes(method):
     mask = np.zeros((80, 80), dtype=np.int64)
     mask[10:40, 10:40] = 2  # brightest
     mask[45:75, 40:75] = 1  # darkest
-    image = np.choose(mask, [0.5, 0.15, 0.85]) + rng.normal(0, 0.03, mask.shape)
-    image = image.astype(np.float32)[:, :, None]
+    noisy = np.choose(mask, [0.5, 0.15, 0.85]) + rng.normal(0, 0.03, mask.shape)
+    image = noisy.astype(np.float32)[:, :, None]
     order = baselines.class_intensity_order([image], [mask], 3)
     assert order == [1, 0, 2]
     pred = baselines.predict(method, image, order)

@@ -1,6 +1,7 @@
 """`medserve synth`, `medserve info` and the skip path of `medserve demo`."""
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -46,7 +47,13 @@ def test_unknown_kind_is_refused(tmp_path):
 
 
 def _save(path, task="segmentation"):
-    args = {"in_channels": 1, "out_channels": 2, "channels": [4, 8], "norm": "batch", "dropout": 0.0}
+    args: dict[str, Any] = {
+        "in_channels": 1,
+        "out_channels": 2,
+        "channels": [4, 8],
+        "norm": "batch",
+        "dropout": 0.0,
+    }
     meta = CheckpointMetadata(
         task=task,
         architecture=Architecture(name="unet", args=args),
@@ -71,7 +78,7 @@ def test_info_prints_the_metadata_as_json(tmp_path, capsys):
 def _save_classifier(path):
     from models.classifier import Classifier
 
-    args = {"backbone": "resnet18", "num_classes": 2, "in_channels": 1, "head": "gap"}
+    args: dict[str, Any] = {"backbone": "resnet18", "num_classes": 2, "in_channels": 1, "head": "gap"}
     meta = CheckpointMetadata(
         task="classification",
         architecture=Architecture(name="classifier", args=args),

@@ -1,4 +1,5 @@
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -18,7 +19,13 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def _checkpoint(path, task="segmentation", tta_flips=None):
     torch.manual_seed(0)
-    args = {"in_channels": 1, "out_channels": 2, "channels": [4, 8], "norm": "batch", "dropout": 0.0}
+    args: dict[str, Any] = {
+        "in_channels": 1,
+        "out_channels": 2,
+        "channels": [4, 8],
+        "norm": "batch",
+        "dropout": 0.0,
+    }
     model = UNet(**args).eval()
     meta = CheckpointMetadata(
         task=task,

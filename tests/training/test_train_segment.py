@@ -1,4 +1,5 @@
 import json
+from typing import cast
 
 import numpy as np
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 from models.checkpoint import load_checkpoint, load_model
 from models.preprocessing import prepare
+from models.unet import UNet
 from tests.training.helpers import train_argv
 from training import baselines
 from training import data as D
@@ -61,8 +63,9 @@ def test_short_training_beats_otsu_on_held_out_phantoms(phantoms, tmp_path):
         ],
         meta.classes,
     )
-    assert unet["dice"] > otsu["dice"] + 0.05
-    assert unet["dice"] > 0.8
+    unet_dice, otsu_dice = cast(float, unet["dice"]), cast(float, otsu["dice"])
+    assert unet_dice > otsu_dice + 0.05
+    assert unet_dice > 0.8
 
     # The checkpoint describes itself.
     assert meta.task == "segmentation" and meta.classes == ["background", "foreground"]
@@ -148,6 +151,7 @@ def test_multiclass_index_masks_with_class_names(tmp_path):
     assert meta.classes == ["bg", "tooth", "filling"] and meta.extra["mask_mode"] == "index"
     assert meta.architecture.args["out_channels"] == 3 and meta.architecture.args["upsample"] == "nearest"
     model, _meta = load_model(out)
+    assert isinstance(model, UNet)
     assert type(model.up[0].reduce) is torch.nn.Conv2d
     assert set(result.history[0]["val_per_class_dice"]) == {"bg", "tooth", "filling"}
 
@@ -157,22 +161,26 @@ def test_weight_average_follows_the_documented_decay():
 
     from training.train_segment import weight_average
 
-    net = nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1))
+    conv, norm = nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1)
+    net = nn.Sequential(conv, norm)
     averaged = weight_average(net, 0.99)
     assert averaged is not None and weight_average(net, 0.0) is None
-    conv = net[0]
+    assert norm.num_batches_tracked is not None
     with torch.no_grad():
         conv.weight.fill_(0.0)
     for _ in range(1000):  # long enough for the ramp (1 + n) / (10 + n) to pass 0.99 (at n = 891)
         averaged.update_parameters(net)
     with torch.no_grad():
         conv.weight.fill_(1.0)
-    net[1].num_batches_tracked.fill_(7)
+    norm.num_batches_tracked.fill_(7)
     for _ in range(10):
         averaged.update_parameters(net)
     # Ten steps at decay 0.99 move the average 1 - 0.99**10 of the way: a smoothed, lagging copy.
-    assert averaged.module[0].weight.item() == pytest.approx(1 - 0.99**10, rel=1e-4)
-    assert averaged.module[1].num_batches_tracked.item() == 7  # integer buffers: the latest value
+    averaged_conv, averaged_norm = cast(nn.Sequential, averaged.module)
+    assert isinstance(averaged_conv, nn.Conv2d) and isinstance(averaged_norm, nn.BatchNorm2d)
+    assert averaged_norm.num_batches_tracked is not None
+    assert averaged_conv.weight.item() == pytest.approx(1 - 0.99**10, rel=1e-4)
+    assert averaged_norm.num_batches_tracked.item() == 7  # integer buffers: the latest value
 
 
 def test_checkpoint_holds_the_weight_average_unless_turned_off(phantoms, tmp_path):
