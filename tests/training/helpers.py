@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 def train_argv(task: str, data: Path, out: Path, *options: str) -> list[str]:
@@ -13,3 +14,8 @@ def train_argv(task: str, data: Path, out: Path, *options: str) -> list[str]:
 def eval_argv(task: str, model: Path, data: Path, out: Path, *options: str) -> list[str]:
     """``eval TASK --model MODEL --data DATA --out OUT OPTIONS...``"""
     return ["eval", task, "--model", str(model), "--data", str(data), "--out", str(out), *options]
+
+
+def tiny_unet_args() -> dict[str, Any]:
+    """Constructor arguments of a two-level, 4-8 wide U-Net with two classes (a fresh dict per call)."""
+    return {"in_channels": 1, "out_channels": 2, "channels": [4, 8], "norm": "batch", "dropout": 0.0}

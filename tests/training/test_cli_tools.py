@@ -10,6 +10,7 @@ from PIL import Image
 from models.checkpoint import Architecture, CheckpointMetadata, save_checkpoint
 from models.preprocessing import Preprocessing
 from models.unet import UNet
+from tests.training.helpers import tiny_unet_args
 from training.cli import main as cli_main
 from training.synthetic import GENERATORS, dental_phantom
 
@@ -47,13 +48,7 @@ def test_unknown_kind_is_refused(tmp_path):
 
 
 def _save(path, task="segmentation"):
-    args: dict[str, Any] = {
-        "in_channels": 1,
-        "out_channels": 2,
-        "channels": [4, 8],
-        "norm": "batch",
-        "dropout": 0.0,
-    }
+    args = tiny_unet_args()
     meta = CheckpointMetadata(
         task=task,
         architecture=Architecture(name="unet", args=args),

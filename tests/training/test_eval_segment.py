@@ -1,5 +1,4 @@
 import json
-from typing import Any
 
 import pytest
 import torch
@@ -7,7 +6,7 @@ import torch
 from models.checkpoint import Architecture, CheckpointMetadata, save_checkpoint
 from models.preprocessing import Preprocessing
 from models.unet import UNet
-from tests.training.helpers import eval_argv
+from tests.training.helpers import eval_argv, tiny_unet_args
 from training.cli import main as cli_main
 from training.synthetic import generate_dental
 
@@ -19,13 +18,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def _checkpoint(path, task="segmentation", tta_flips=None):
     torch.manual_seed(0)
-    args: dict[str, Any] = {
-        "in_channels": 1,
-        "out_channels": 2,
-        "channels": [4, 8],
-        "norm": "batch",
-        "dropout": 0.0,
-    }
+    args = tiny_unet_args()
     model = UNet(**args).eval()
     meta = CheckpointMetadata(
         task=task,
