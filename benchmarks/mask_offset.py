@@ -37,6 +37,7 @@ from models.checkpoint import load_model  # noqa: E402
 from models.inference import resolve_device, segment_probabilities  # noqa: E402
 from models.preprocessing import prepare  # noqa: E402
 from training import data as D  # noqa: E402
+from training.metrics import dice_per_class  # noqa: E402
 
 MAX_SHIFT = 3
 BORDER = 8  # pixels ignored at each edge, where shifted maps wrap or extrapolate
@@ -74,11 +75,6 @@ def mask_offset(gray: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
     return _parabola_peak(scores[:, ix]) - MAX_SHIFT, _parabola_peak(scores[iy, :]) - MAX_SHIFT
 
 
-def dice(pred: np.ndarray, target: np.ndarray) -> float:
-    total = pred.sum() + target.sum()
-    return float(2 * (pred & target).sum() / total) if total else 1.0
-
-
 def output_offsets(
     probabilities: list[np.ndarray], targets: list[np.ndarray], steps: list[float]
 ) -> list[dict[str, float]]:
@@ -88,7 +84,10 @@ def output_offsets(
     for dy in steps:
         for dx in steps:
             scores = [
-                dice((ndimage.shift(p, (dy, dx), order=3, mode="nearest") > 0.5)[crop], t[crop])
+                # Class "1" of the two boolean maps: the evaluation's own Dice.
+                dice_per_class((ndimage.shift(p, (dy, dx), order=3, mode="nearest") > 0.5)[crop], t[crop], 2)[
+                    1
+                ]
                 for p, t in zip(probabilities, targets, strict=True)
             ]
             rows.append({"dy": dy, "dx": dx, "dice": float(np.mean(scores))})

@@ -33,6 +33,7 @@ import torch
 from pydantic import BaseModel, Field, ValidationError
 from torch import nn
 
+from models.inference import FLIPS
 from models.preprocessing import Preprocessing
 
 FORMAT_NAME = "medserve.checkpoint"
@@ -75,7 +76,7 @@ class CheckpointMetadata(BaseModel):
         """
         stored = self.extra.get("tta_flips")
         if stored is None:
-            return ["horizontal", "vertical"]
+            return list(FLIPS)
         return [str(f) for f in stored]
 
 

@@ -306,13 +306,16 @@ def _lr_lambda(total_steps: int, warmup_steps: int) -> Any:
     return factor
 
 
-def trained_flips(args: argparse.Namespace) -> list[str]:
-    """The flips the augmentation applies, hence those test-time augmentation may use (stored as
-    ``extra["tta_flips"]``)."""
-    if args.augment == "none":
-        return []
-    chosen = {"horizontal": getattr(args, "hflip", True), "vertical": getattr(args, "vflip", False)}
-    return [name for name, on in chosen.items() if on]
+def build_augment(args: argparse.Namespace, size: tuple[int, int]) -> SegmentationAugment:
+    """The training augmentation the options ask for; its ``flips`` are also those of TTA."""
+    # Namespaces built by callers without the flip options (library use) get the defaults.
+    return SegmentationAugment.preset(
+        args.augment,
+        size,
+        elastic_sigma=args.elastic_sigma,
+        hflip=getattr(args, "hflip", True),
+        vflip=getattr(args, "vflip", False),
+    )
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -405,13 +408,7 @@ def _run(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainRes
     if info.enabled:
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    augment = SegmentationAugment.preset(
-        args.augment,
-        data.spec.img_size,
-        elastic_sigma=args.elastic_sigma,
-        hflip=getattr(args, "hflip", True),
-        vflip=getattr(args, "vflip", False),
-    )
+    augment = build_augment(args, data.spec.img_size)
     samples = args.samples_per_epoch or D.default_samples_per_epoch(data.train.images, data.spec.img_size)
     samples = max(samples, args.batch_size * info.world)
     dataset = D.SegmentationDataset(
@@ -524,7 +521,7 @@ def _run(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainRes
                 data.spec.img_size,
                 overlap=data.spec.tile_overlap,
                 tta=args.val_tta,
-                flips=trained_flips(args),
+                flips=augment.flips,
                 device=device,
                 batch_size=max(args.batch_size, 4),
                 precision=precision,
@@ -544,7 +541,7 @@ def _run(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainRes
         if info.main:
             if improved:
                 metadata = save_checkpoint(
-                    out, evaluated, _metadata(args, data, arch_args, row, info, samples)
+                    out, evaluated, _metadata(args, data, arch_args, row, info, samples, augment.flips)
                 )
             write_history(out, history)
             save_train_state(out, epoch, net, optimizer, scheduler, scaler, history, best, averaged)
@@ -571,6 +568,7 @@ def _metadata(
     row: dict[str, Any],
     info: Dist,
     samples: int,
+    flips: list[str],
 ) -> CheckpointMetadata:
     metrics = {key.removeprefix("val_"): value for key, value in row.items() if key.startswith("val_")}
     metrics.update({"epoch": row["epoch"], "train_loss": row["train_loss"], "evaluated_on": "validation"})
@@ -587,7 +585,7 @@ def _metadata(
         "mask_mode": data.mode,
         # Mask value written for each class index: binary masks come back as 0/255, like the training data.
         "mask_values": [0, 255] if data.mode == "binary" else list(range(len(data.classes))),
-        "tta_flips": trained_flips(args),
+        "tta_flips": flips,
     }
     if len(data.train) + len(data.val) <= 2000:
         extra["split"] = {"train": data.train.stems, "val": data.val.stems}

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from models.inference import FLIPS
+
 
 @dataclass
 class SegmentationAugment:
@@ -155,6 +157,12 @@ class SegmentationAugment:
                 coarse = rng.normal(0.0, self.elastic_sigma, size=(g, g))
                 target += ndimage.zoom(coarse, (h / g, w / g), order=3, mode="nearest")[:h, :w]
         return np.stack([sy + y0 + cy, sx + x0 + cx]), (y0, x0)
+
+    @property
+    def flips(self) -> list[str]:
+        """The flips this augmentation applies (``horizontal``, ``vertical``): those test-time augmentation of
+        the trained model may average over, recorded in the checkpoint as ``extra["tta_flips"]``."""
+        return [name for name, p in zip(FLIPS, (self.hflip, self.vflip), strict=True) if p > 0]
 
     def _intensity(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if rng.random() < self.p_intensity:

@@ -16,7 +16,7 @@ from training.cli import main as cli_main
 from training.engine import evaluate
 from training.metrics import aggregate, score_image
 from training.synthetic import generate_dental
-from training.train_segment import run, state_path, trained_flips
+from training.train_segment import build_augment, run, state_path
 
 TINY = ["--img-size", "64", "--channels", "8,16,32", "--batch-size", "8", "--lr", "3e-3", "--device", "cpu"]
 
@@ -214,4 +214,4 @@ def test_checkpoint_holds_the_weight_average_unless_turned_off(phantoms, tmp_pat
 )
 def test_flip_options_decide_the_flips_recorded_for_tta(options, flips):
     args = _args(["train", "segment", "--data", "d", "--out", "m.pt", *options])
-    assert trained_flips(args) == flips
+    assert build_augment(args, (64, 64)).flips == flips
