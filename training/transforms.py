@@ -140,7 +140,8 @@ class SegmentationAugment:
         """Samples the class-index ``mask`` (H, W) at ``coords`` (2, h, w)."""
         if self.mask_order == 0:
             return ndimage.map_coordinates(mask, coords, order=0, mode="mirror").astype(np.int64)
-        labels = np.unique(mask)
+        # Class indices are >= 0: counting them is linear, np.unique would sort the whole mask per crop.
+        labels = np.flatnonzero(np.bincount(mask.ravel()))
         if len(labels) == 1:
             return np.full(coords.shape[1:], labels[0], dtype=np.int64)
         # Linear interpolation of each class's indicator, then the class with the largest share at each pixel.
