@@ -28,8 +28,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from models.checkpoint import CheckpointMetadata  # noqa: E402
 from models.classifier import BACKBONES, Classifier  # noqa: E402
-from models.inference import resolve_device  # noqa: E402
+from models.inference import resolve_device, segment_probabilities  # noqa: E402
+from models.preprocessing import prepare  # noqa: E402
 from models.unet import UNet  # noqa: E402
 from training.losses import DiceCELoss  # noqa: E402
 from training.train_segment import parse_channels  # noqa: E402
@@ -171,6 +173,23 @@ def environment(device: torch.device) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
     }
+
+
+def evaluation_probabilities(
+    model: torch.nn.Module, meta: CheckpointMetadata, images: Sequence[np.ndarray], device: torch.device
+) -> list[torch.Tensor]:
+    """(K, H, W) class probabilities of decoded (H, W, C) images, predicted as ``medserve eval segment`` does:
+    the checkpoint's preprocessing, tile size and overlap, and TTA over the flips it was trained with."""
+    spec = meta.preprocessing
+    return segment_probabilities(
+        model,
+        [prepare(image, spec) for image in images],
+        spec.img_size,
+        overlap=spec.tile_overlap,
+        tta=True,
+        flips=meta.tta_flips,
+        device=device,
+    )
 
 
 def write_report(report: dict[str, Any], prefix: str, out: Path | None) -> None:

@@ -30,14 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # benchmarks/, the script's own folder
-from bench_layout import environment, write_report  # noqa: E402
+from bench_layout import environment, evaluation_probabilities, write_report  # noqa: E402
 
 from models.checkpoint import load_model  # noqa: E402
 from models.imageio import resolve_intensity  # noqa: E402
 from models.inference import resolve_device  # noqa: E402
-from models.preprocessing import prepare  # noqa: E402
 from training import data as D  # noqa: E402
-from training.engine import predict_labels  # noqa: E402
 from training.metrics import dice_per_class  # noqa: E402
 
 
@@ -83,16 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     predictions: list[np.ndarray] = []
     if model is not None and meta is not None:
-        spec = meta.preprocessing
-        predictions = predict_labels(
-            model,
-            [prepare(image, spec) for image in data.images],
-            spec.img_size,
-            overlap=spec.tile_overlap,
-            tta=True,
-            flips=meta.tta_flips,
-            device=device,
-        )
+        probabilities = evaluation_probabilities(model, meta, data.images, device)
+        predictions = [p.argmax(dim=0).numpy() for p in probabilities]
 
     rows: list[dict[str, Any]] = []
     header = f"{'image':>12} {'share':>6} {'width':>6}"

@@ -31,11 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # benchmarks/, the script's own folder
-from bench_layout import environment, write_report  # noqa: E402
+from bench_layout import environment, evaluation_probabilities, write_report  # noqa: E402
 
 from models.checkpoint import load_model  # noqa: E402
-from models.inference import resolve_device, segment_probabilities  # noqa: E402
-from models.preprocessing import prepare  # noqa: E402
+from models.inference import resolve_device  # noqa: E402
 from training import data as D  # noqa: E402
 from training.metrics import dice_per_class  # noqa: E402
 
@@ -134,16 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.model is not None:
         model, meta = load_model(args.model, device)
-        spec = meta.preprocessing
-        probs = segment_probabilities(
-            model,
-            [prepare(image, spec) for image in data.images],
-            spec.img_size,
-            overlap=spec.tile_overlap,
-            tta=True,
-            flips=meta.tta_flips,
-            device=device,
-        )
+        probs = evaluation_probabilities(model, meta, data.images, device)
         maps = [p[args.class_index].numpy() for p in probs]
         rows = output_offsets(maps, targets, args.steps)
         best = max(rows, key=lambda r: r["dice"])

@@ -81,11 +81,12 @@ def test_a_model_that_draws_thicker_structures_is_reported_as_such(tmp_path, mon
     save_checkpoint(checkpoint, UNet(**args).eval(), meta)
 
     # Stand-in for the network's output: every membrane one pixel thicker on each side.
-    def thicker(model, images, tile, **kwargs):
-        assert len(images) == 2 and tuple(tile) == (32, 32)
-        return [np.where(ndimage.binary_dilation(_strips(w), np.ones((3, 1), bool)), 0, 1) for w in (4, 2)]
+    def thicker(model, meta, images, device):
+        assert len(images) == 2 and meta.classes == ["membrane", "cell"]
+        membranes = [ndimage.binary_dilation(_strips(w), np.ones((3, 1), bool)) for w in (4, 2)]
+        return [torch.from_numpy(np.stack([m, ~m]).astype(np.float32)) for m in membranes]
 
-    monkeypatch.setattr(label_width, "predict_labels", thicker)
+    monkeypatch.setattr(label_width, "evaluation_probabilities", thicker)
     out = tmp_path / "report.json"
     code = label_width.main(
         ["--data", str(tmp_path / "data"), "--model", str(checkpoint), "--device", "cpu", "--out", str(out)]
