@@ -28,11 +28,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.checkpoint import CheckpointMetadata  # noqa: E402
+from models.checkpoint import CheckpointMetadata, load_model  # noqa: E402
 from models.classifier import BACKBONES, Classifier  # noqa: E402
+from models.imageio import resolve_intensity  # noqa: E402
 from models.inference import resolve_device, segment_probabilities  # noqa: E402
 from models.preprocessing import prepare  # noqa: E402
 from models.unet import UNet  # noqa: E402
+from training import data as D  # noqa: E402
 from training.losses import DiceCELoss  # noqa: E402
 from training.train_segment import parse_channels  # noqa: E402
 
@@ -173,6 +175,29 @@ def environment(device: torch.device) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
     }
+
+
+def add_labelled_set_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """The options of the scripts that measure a labelled image folder, and optionally a checkpoint on it."""
+    parser.add_argument("--data", required=True, type=Path, help="folder with images/ and masks/")
+    parser.add_argument("--class-index", type=int, default=0, help="class to measure (ISBI membranes: 0)")
+    parser.add_argument("--model", type=Path, default=None, help=model_help)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON report (default: benchmarks/results/)")
+
+
+def load_labelled_set(
+    data_dir: Path, model_path: Path | None, device: torch.device
+) -> tuple[D.SegmentationSet, tuple[torch.nn.Module, CheckpointMetadata] | None]:
+    """The folder's images and masks, and the checkpoint's model and metadata when ``model_path`` is given.
+
+    With a checkpoint, the images are read with its intensity policy, as training, evaluation and the service
+    read them for it; without one, with the default policy.
+    """
+    if model_path is None:
+        return D.load_set(data_dir), None
+    model, meta = load_model(model_path, device)
+    return D.load_set(data_dir, resolve_intensity(meta.preprocessing.intensity)), (model, meta)
 
 
 def evaluation_probabilities(

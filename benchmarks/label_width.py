@@ -30,10 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # benchmarks/, the script's own folder
-from bench_layout import environment, evaluation_probabilities, write_report  # noqa: E402
+from bench_layout import (  # noqa: E402
+    add_labelled_set_arguments,
+    environment,
+    evaluation_probabilities,
+    load_labelled_set,
+    write_report,
+)
 
-from models.checkpoint import load_model  # noqa: E402
-from models.imageio import resolve_intensity  # noqa: E402
 from models.inference import resolve_device  # noqa: E402
 from training import data as D  # noqa: E402
 from training.metrics import dice_per_class  # noqa: E402
@@ -60,29 +64,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", required=True, type=Path, help="folder with images/ and masks/")
-    parser.add_argument("--class-index", type=int, default=0, help="class to measure (ISBI membranes: 0)")
-    parser.add_argument("--model", type=Path, default=None, help="segmentation checkpoint to compare")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON report (default: benchmarks/results/)")
+    add_labelled_set_arguments(parser, "segmentation checkpoint to compare")
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
-    model = meta = None
-    if args.model is not None:
-        model, meta = load_model(args.model, device)
-        # Read the images as training, evaluation and the service read them for this checkpoint.
-        data = D.load_set(args.data, resolve_intensity(meta.preprocessing.intensity))
-    else:
-        data = D.load_set(args.data)
+    data, checkpoint = load_labelled_set(args.data, args.model, device)
     mode = D.mask_mode(data.masks)
     labels = [D.encode_mask(m, mode) for m in data.masks]
     targets = [label == args.class_index for label in labels]
 
     predictions: list[np.ndarray] = []
-    if model is not None and meta is not None:
+    tta_flips = None
+    n_classes = args.class_index + 1
+    if checkpoint is not None:
+        model, meta = checkpoint
         probabilities = evaluation_probabilities(model, meta, data.images, device)
         predictions = [p.argmax(dim=0).numpy() for p in probabilities]
+        tta_flips = meta.tta_flips
+        n_classes = max(len(meta.classes), n_classes)
 
     rows: list[dict[str, Any]] = []
     header = f"{'image':>12} {'share':>6} {'width':>6}"
@@ -98,7 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         line = f"{stem:>12} {row['share']:6.3f} {row['width']:6.2f}"
         if predictions:
             predicted = predictions[i] == args.class_index
-            n_classes = max(len(meta.classes) if meta else 2, args.class_index + 1)
             row |= {
                 "predicted_width": structure_width(predicted),
                 "dice": float(dice_per_class(predictions[i], labels[i], n_classes)[args.class_index]),
@@ -125,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": str(args.data),
         "class_index": args.class_index,
         "model": str(args.model) if args.model else None,
-        "tta_flips": meta.tta_flips if meta else None,
+        "tta_flips": tta_flips,
         "per_image": rows,
         "summary": summary,
     }

@@ -31,9 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # benchmarks/, the script's own folder
-from bench_layout import environment, evaluation_probabilities, write_report  # noqa: E402
+from bench_layout import (  # noqa: E402
+    add_labelled_set_arguments,
+    environment,
+    evaluation_probabilities,
+    load_labelled_set,
+    write_report,
+)
 
-from models.checkpoint import load_model  # noqa: E402
 from models.inference import resolve_device  # noqa: E402
 from training import data as D  # noqa: E402
 from training.metrics import dice_per_class  # noqa: E402
@@ -97,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", required=True, type=Path, help="folder with images/ and masks/")
-    parser.add_argument("--class-index", type=int, default=0, help="class to measure (ISBI membranes: 0)")
-    parser.add_argument("--model", type=Path, default=None, help="segmentation checkpoint to check as well")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    add_labelled_set_arguments(parser, "segmentation checkpoint to check as well")
     parser.add_argument(
         "--steps",
         type=float,
@@ -108,14 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[-0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75],
         help="output shifts tried per axis, in pixels",
     )
-    parser.add_argument("--out", type=Path, default=None, help="JSON report (default: benchmarks/results/)")
     args = parser.parse_args(argv)
 
-    data = D.load_set(args.data)
+    device = resolve_device(args.device)
+    data, checkpoint = load_labelled_set(args.data, args.model, device)
     mode = D.mask_mode(data.masks)
     targets = [D.encode_mask(m, mode) == args.class_index for m in data.masks]
     grays = [image.mean(axis=2) for image in data.images]
-    device = resolve_device(args.device)
     report: dict[str, Any] = {**environment(device), "data": str(args.data), "class_index": args.class_index}
 
     per_image = []
@@ -131,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     report["mask_offset"] = {"per_image": per_image, "mean_dy": mean_dy, "mean_dx": mean_dx}
 
-    if args.model is not None:
-        model, meta = load_model(args.model, device)
+    if checkpoint is not None:
+        model, meta = checkpoint
         probs = evaluation_probabilities(model, meta, data.images, device)
         maps = [p[args.class_index].numpy() for p in probs]
         rows = output_offsets(maps, targets, args.steps)
