@@ -1,4 +1,4 @@
-"""DICOM reading for the one image-reading path (``models.imageio``).
+"""DICOM reading for the one image-reading path (``models.imageio`` dispatches DICOM here).
 
 Pixel pipeline for a single-frame 2D image, as PS3.3 C.7.6.3, C.11 describe it:
 
@@ -35,7 +35,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from models.imageio import (
+from models.image_base import (
     DEFAULT_INTENSITY,
     DecodedImage,
     DicomRef,
@@ -43,9 +43,9 @@ from models.imageio import (
     ImageTooLargeError,
     UnprocessableImageError,
     UnsupportedImageError,
-    _check_pixels,
-    _scale_to_unit,
+    check_pixels,
     resolve_intensity,
+    scale_to_unit,
 )
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def _geometry(ds: Dataset, max_pixels: int | None) -> tuple[int, int]:
     if "Rows" not in ds or "Columns" not in ds:
         raise UnprocessableImageError("the DICOM file holds no image (no Rows/Columns)")
     rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
-    _check_pixels(rows, cols, max_pixels)
+    check_pixels(rows, cols, max_pixels)
     frames = _int(ds, "NumberOfFrames", 1)
     if frames > 1:
         raise UnprocessableImageError(
@@ -312,7 +312,7 @@ def _grey_to_unit(
         if np.issubdtype(stored.dtype, np.integer) and unsigned and bits <= 8 and _is_identity_modality(ds):
             result = (values / float(2**bits - 1)).astype(np.float32), "bit-depth"
         else:
-            result = _scale_to_unit(values), "min-max"
+            result = scale_to_unit(values), "min-max"
     unit, how = result
     if photometric == "MONOCHROME1":
         unit = 1.0 - unit
