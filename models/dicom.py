@@ -33,8 +33,10 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, get_decoder
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from models.image_base import (
@@ -93,16 +95,21 @@ def install_privacy_guards() -> None:
 install_privacy_guards()
 
 
+def _outside_file_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag.group != 0x0002
+
+
 def _check_deflated(data: bytes, max_pixels: int | None) -> None:
     """Bounds the inflated size of a Deflated Explicit VR dataset before pydicom inflates it without limit."""
-    from pydicom.filereader import _read_file_meta_info, read_preamble
-
     if max_pixels is None:
         return
     fp = io.BytesIO(data)
     try:
         read_preamble(fp, False)
-        meta = _read_file_meta_info(fp)
+        # The File Meta Information (group 0002, always Explicit VR Little Endian: PS3.10 7.1) alone; reading stops
+        # at the first element of another group, where the deflated data set begins. (pydicom's own
+        # read_file_meta_info takes only a path.)
+        meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True, stop_when=_outside_file_meta)
         deflated = meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
     except Exception:  # let dcmread report the problem with its usual mapping
         return
