@@ -89,16 +89,29 @@ def _dotted(node: ast.expr) -> list[str] | None:
     return parts[::-1]
 
 
-def _private_uses_in(module: str, path: Path, project: set[str]) -> list[tuple[int, str]]:
-    """(line, ``owner._name``) for the private names of other project modules that ``module`` imports or reads.
+def _private_uses_in(module: str, path: Path, project: set[str], libraries: bool) -> list[tuple[int, str]]:
+    """(line, ``owner._name``) for the private names of other modules that ``module`` imports or reads.
 
     Reads are ``mod._x``, ``mod.Class._x`` and ``getattr(mod, "_x")`` (``setattr``/``hasattr``/``delattr`` too)
-    where ``mod`` is bound by an import anywhere in the file (scopes are merged: a conservative view).
+    where ``mod`` (or ``Class``) is bound by an import anywhere in the file (scopes are merged: a conservative
+    view). Other project modules always count; third-party modules only with ``libraries``.
     """
     is_package = path.name == "__init__.py"
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    bound: dict[str, str] = {}  # local name -> the project module (or package) it refers to
+    project_roots = {name.split(".")[0] for name in project}
+    bound: dict[str, str] = {}  # local name -> the dotted name it was imported as
     found: list[tuple[int, str]] = []
+
+    def home(dotted: str) -> str | None:
+        """The module ``dotted`` lives in when that is a module whose privates ``module`` must not use."""
+        parts = dotted.split(".")
+        if parts[0] not in project_roots:
+            return parts[0] if libraries else None
+        # The longest prefix that is a module (``mod.Class._x`` lives in mod).
+        owner = next(
+            (".".join(parts[:n]) for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in project), None
+        )
+        return owner if owner != module else None
 
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -115,27 +128,20 @@ def _private_uses_in(module: str, path: Path, project: set[str]) -> list[tuple[i
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join([*anchor, base] if base else anchor)
             for alias in node.names:
-                submodule = f"{base}.{alias.name}"
-                if submodule in project:
-                    bound[alias.asname or alias.name] = submodule
-                if (base in project or submodule in project) and _is_private(alias.name):
+                bound[alias.asname or alias.name] = f"{base}.{alias.name}"
+                if _is_private(alias.name) and home(f"{base}.{alias.name}") is not None:
                     found.append((node.lineno, f"{base}.{alias.name}"))
 
-    def owner(expr: ast.expr) -> str | None:
-        """The dotted name ``expr`` spells when it starts inside another project module, else None."""
+    def imported_name(expr: ast.expr) -> str | None:
+        """The dotted name ``expr`` spells when it starts with an imported name, e.g. ``pkg.mod.Class``."""
         parts = _dotted(expr)
         if not parts or parts[0] not in bound:
             return None
-        dotted = ".".join([bound[parts[0]], *parts[1:]]).split(".")
-        # The module the name lives in: the longest prefix that is a module (``mod.Class._x`` lives in mod).
-        home = next(
-            (".".join(dotted[:n]) for n in range(len(dotted), 0, -1) if ".".join(dotted[:n]) in project), None
-        )
-        return ".".join(dotted) if home is not None and home != module else None
+        return ".".join([bound[parts[0]], *parts[1:]])
 
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and _is_private(node.attr):
-            target, name = owner(node.value), node.attr
+            target, name = imported_name(node.value), node.attr
         elif (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Name)
@@ -145,22 +151,23 @@ def _private_uses_in(module: str, path: Path, project: set[str]) -> list[tuple[i
             and isinstance(node.args[1].value, str)
             and _is_private(node.args[1].value)
         ):
-            target, name = owner(node.args[0]), node.args[1].value
+            target, name = imported_name(node.args[0]), node.args[1].value
         else:
             continue
-        if target is not None:
+        if target is not None and home(f"{target}.{name}") is not None:
             found.append((node.lineno, f"{target}.{name}"))
     return sorted(found)
 
 
-def find_private_uses(root: Path, packages: Iterable[str]) -> list[str]:
-    """``importer:line: module._name`` for every private name a module takes from another project module."""
+def find_private_uses(root: Path, packages: Iterable[str], *, libraries: bool = False) -> list[str]:
+    """``importer:line: module._name`` for every private name a module takes from another project module (and,
+    with ``libraries``, from a third-party one)."""
     modules = _module_files(root, packages)
     project = set(modules)
     return [
         f"{module}:{line}: {name}"
         for module, path in modules.items()
-        for line, name in _private_uses_in(module, path, project)
+        for line, name in _private_uses_in(module, path, project, libraries)
     ]
 
 
@@ -185,6 +192,12 @@ def test_no_private_names_across_modules() -> None:
     assert not uses, "private names used outside their module (make them public or move them):\n" + "\n".join(
         uses
     )
+
+
+def test_models_use_no_private_names_of_libraries() -> None:
+    # models/ is the training/serving contract: a private pydicom, torch or PIL helper may change in any release.
+    uses = find_private_uses(REPO_ROOT, ["models"], libraries=True)
+    assert not uses, "models/ uses private names of libraries:\n" + "\n".join(uses)
 
 
 def _write_package(root: Path, name: str, files: dict[str, str]) -> None:
@@ -291,7 +304,7 @@ def test_private_use_detector(tmp_path: Path) -> None:
             "owner_self.py": "import privpkg.owner_self\n\n_x = 1\nprint(privpkg.owner_self._x)\n",
         },
     )
-    assert find_private_uses(tmp_path, ["privpkg"]) == [
+    project_privates = [
         "privpkg.user:5: privpkg.owner._helper",
         "privpkg.user:7: privpkg.owner._hidden",
         "privpkg.user:19: privpkg.owner._hidden",
@@ -299,3 +312,10 @@ def test_private_use_detector(tmp_path: Path) -> None:
         "privpkg.user:21: privpkg.owner._helper",
         "privpkg.user:22: privpkg.owner._hidden",
     ]
+    assert find_private_uses(tmp_path, ["privpkg"]) == project_privates
+    with_libraries = find_private_uses(tmp_path, ["privpkg"], libraries=True)
+    assert with_libraries == sorted([*project_privates, "privpkg.user:23: json._default_decoder"], key=_line)
+
+
+def _line(use: str) -> int:
+    return int(use.split(":")[1])
