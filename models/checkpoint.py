@@ -33,8 +33,10 @@ import torch
 from pydantic import BaseModel, Field, ValidationError
 from torch import nn
 
+from models import __version__
 from models.inference import FLIPS
 from models.preprocessing import Preprocessing
+from models.registry import build_architecture
 
 FORMAT_NAME = "medserve.checkpoint"
 FORMAT_VERSION = 2
@@ -81,9 +83,7 @@ class CheckpointMetadata(BaseModel):
 
 
 def library_versions() -> dict[str, str]:
-    import torchvision
-
-    from models import __version__
+    import torchvision  # only its version is needed, and only when saving: serving a U-Net never imports it
 
     return {
         "medserve": __version__,
@@ -189,8 +189,6 @@ def _upgrade(metadata: CheckpointMetadata, version: int) -> CheckpointMetadata:
 
 def build_model(metadata: CheckpointMetadata) -> nn.Module:
     """Constructs the (untrained) network the metadata describes."""
-    from models.registry import build_architecture
-
     try:
         return build_architecture(metadata.architecture.name, metadata.architecture.args)
     except (TypeError, ValueError, KeyError) as exc:

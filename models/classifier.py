@@ -44,8 +44,6 @@ import torchvision
 from scipy.optimize import minimize_scalar
 from torch import nn
 
-from models.registry import register_architecture
-
 # backbone name -> family (decides how the torchvision model is cut into stages)
 BACKBONES: dict[str, str] = {
     "resnet18": "resnet",
@@ -390,11 +388,3 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """(B, K) class probabilities: ``softmax(logits / temperature)`` (what the service returns)."""
     return torch.softmax(logits.float() / temperature, dim=-1)
-
-
-def _build(**kwargs: Any) -> nn.Module:
-    kwargs.pop("pretrained", None)  # checkpoints never need pretrained weights to be rebuilt
-    return Classifier(**kwargs)
-
-
-register_architecture("classifier", _build)

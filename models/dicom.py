@@ -1,12 +1,14 @@
-"""DICOM reading for the one image-reading path (``models.imageio``).
+"""DICOM reading for the one image-reading path (``models.imageio`` dispatches DICOM here).
 
 Pixel pipeline for a single-frame 2D image, as PS3.3 C.7.6.3, C.11 describe it:
 
 1. Stored values, ``BitsStored`` honoured (pydicom masks unused high bits and sign-extends signed data).
-2. Modality LUT: ``RescaleSlope``/``RescaleIntercept`` or the Modality LUT Sequence (e.g. CT values to HU).
-3. VOI (policy ``"dicom-window"`` only): the first VOI LUT Sequence item, else the first
+2. Modality LUT: ``RescaleSlope``/``RescaleIntercept`` or the Modality LUT Sequence (e.g. CT values to HU), by
+   pydicom's ``apply_modality_lut``.
+3. VOI (policy ``"dicom-window"`` only): the first VOI LUT Sequence item (pydicom's ``apply_voi``), else the first
    ``WindowCenter``/``WindowWidth`` pair with ``VOILUTFunction`` LINEAR (default), LINEAR_EXACT or SIGMOID
-   (PS3.3 C.11.2.1.2-3), mapped to [0, 1]. An invalid window (e.g. width 0) is ignored.
+   (PS3.3 C.11.2.1.2-3, pydicom's ``apply_windowing``), mapped to [0, 1]. An invalid window (e.g. width 0) is
+   ignored.
 4. Without VOI: ``v / (2**BitsStored - 1)`` when the image is unsigned, at most 8 bits and the modality LUT is the
    identity; otherwise per-image min-max over the modality values (the same rule as 16-bit PNG/TIFF).
 5. ``MONOCHROME1`` is inverted (``1 - v``) so that high always means bright, as in ``MONOCHROME2``.
@@ -31,11 +33,13 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset, read_preamble
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, get_decoder
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from models.imageio import (
+from models.image_base import (
     DEFAULT_INTENSITY,
     DecodedImage,
     DicomRef,
@@ -43,9 +47,9 @@ from models.imageio import (
     ImageTooLargeError,
     UnprocessableImageError,
     UnsupportedImageError,
-    _check_pixels,
-    _scale_to_unit,
+    check_pixels,
     resolve_intensity,
+    scale_to_unit,
 )
 
 logger = logging.getLogger(__name__)
@@ -91,16 +95,21 @@ def install_privacy_guards() -> None:
 install_privacy_guards()
 
 
+def _outside_file_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag.group != 0x0002
+
+
 def _check_deflated(data: bytes, max_pixels: int | None) -> None:
     """Bounds the inflated size of a Deflated Explicit VR dataset before pydicom inflates it without limit."""
-    from pydicom.filereader import _read_file_meta_info, read_preamble
-
     if max_pixels is None:
         return
     fp = io.BytesIO(data)
     try:
         read_preamble(fp, False)
-        meta = _read_file_meta_info(fp)
+        # The File Meta Information (group 0002, always Explicit VR Little Endian: PS3.10 7.1) alone; reading stops
+        # at the first element of another group, where the deflated data set begins. (pydicom's own
+        # read_file_meta_info takes only a path.)
+        meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True, stop_when=_outside_file_meta)
         deflated = meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
     except Exception:  # let dcmread report the problem with its usual mapping
         return
@@ -158,7 +167,7 @@ def _geometry(ds: Dataset, max_pixels: int | None) -> tuple[int, int]:
     if "Rows" not in ds or "Columns" not in ds:
         raise UnprocessableImageError("the DICOM file holds no image (no Rows/Columns)")
     rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
-    _check_pixels(rows, cols, max_pixels)
+    check_pixels(rows, cols, max_pixels)
     frames = _int(ds, "NumberOfFrames", 1)
     if frames > 1:
         raise UnprocessableImageError(
@@ -221,8 +230,11 @@ def _first(value: Any) -> float:
     return float(value[0]) if isinstance(value, (MultiValue, list, tuple)) else float(value)
 
 
+_WINDOW_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+
+
 def apply_window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
-    """A VOI window (PS3.3 C.11.2.1.2-3) with output range [0, 1].
+    """A VOI window (PS3.3 C.11.2.1.2-3) with output range [0, 1], computed by ``pydicom.pixels.apply_windowing``.
 
     Args:
         values: modality LUT output, any shape.
@@ -236,26 +248,32 @@ def apply_window(values: np.ndarray, center: float, width: float, function: str 
     Raises:
         ValueError: an invalid width or an unknown function.
     """
-    x = np.asarray(values, dtype=np.float64)
     function = function.strip().upper() or "LINEAR"
     c, w = float(center), float(width)
-    if function == "LINEAR":
-        if not w >= 1.0:
-            raise ValueError(f"LINEAR window width must be >= 1, got {w}")
-        lo, hi = c - 0.5 - (w - 1.0) / 2.0, c - 0.5 + (w - 1.0) / 2.0
-        with np.errstate(divide="ignore", invalid="ignore"):  # w == 1 is a pure threshold: the ramp is unused
-            ramp = (x - (c - 0.5)) / (w - 1.0) + 0.5
-        out = np.where(x <= lo, 0.0, np.where(x > hi, 1.0, ramp))
-    elif function == "LINEAR_EXACT":
-        if not w > 0.0:
-            raise ValueError(f"LINEAR_EXACT window width must be > 0, got {w}")
-        out = np.where(x <= c - w / 2.0, 0.0, np.where(x > c + w / 2.0, 1.0, (x - c) / w + 0.5))
-    elif function == "SIGMOID":
-        if not w > 0.0:
-            raise ValueError(f"SIGMOID window width must be > 0, got {w}")
-        out = 1.0 / (1.0 + np.exp(np.clip(-4.0 * (x - c) / w, -700.0, 700.0)))
-    else:
+    if function not in _WINDOW_FUNCTIONS:
         raise ValueError(f"unknown VOILUTFunction {function!r}")
+    # Checked here although pydicom checks too: its ``width < 1`` lets a NaN width through.
+    if function == "LINEAR" and not w >= 1.0:
+        raise ValueError(f"LINEAR window width must be >= 1, got {w}")
+    if function != "LINEAR" and not w > 0.0:
+        raise ValueError(f"{function} window width must be > 0, got {w}")
+    # A dataset of its own, not the file's: pydicom scales the window's output to the range the stored values can
+    # take (BitsStored, PixelRepresentation, rescale) and casts those attributes in the dataset it is given. One
+    # unsigned bit and no rescale make that range [0, 1] exactly (ymin 0, ymax 1): PS3.3's arithmetic on
+    # MedServe's output range, bit for bit the numbers of the implementation this replaced, with no rescaling.
+    window = Dataset()
+    window.WindowCenter = c
+    window.WindowWidth = w
+    window.VOILUTFunction = function
+    window.BitsStored = 1
+    window.PixelRepresentation = 0
+    # Windowing is the same for both; MONOCHROME1 is inverted after it (see ``_grey_to_unit``).
+    window.PhotometricInterpretation = "MONOCHROME2"
+    # NaN samples, the unused ramp of a 1-wide LINEAR threshold, and SIGMOID's exp overflowing far below the
+    # centre would each warn. The overflow's 1 / (1 + inf) = 0 is the right limit (the code this replaced
+    # clipped the exponent at 700 instead: the same float32 result).
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        out = apply_windowing(np.asarray(values, dtype=np.float64), window)
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
@@ -277,7 +295,7 @@ def _voi(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str] | None:
     if center is None or width is None or center == "" or width == "":
         return None
     function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
-    if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+    if function not in _WINDOW_FUNCTIONS:
         logger.warning("unknown DICOM VOILUTFunction; using LINEAR as PS3.3 defines for the default")
         function = "LINEAR"
     try:
@@ -312,7 +330,7 @@ def _grey_to_unit(
         if np.issubdtype(stored.dtype, np.integer) and unsigned and bits <= 8 and _is_identity_modality(ds):
             result = (values / float(2**bits - 1)).astype(np.float32), "bit-depth"
         else:
-            result = _scale_to_unit(values), "min-max"
+            result = scale_to_unit(values), "min-max"
     unit, how = result
     if photometric == "MONOCHROME1":
         unit = 1.0 - unit

@@ -23,7 +23,7 @@ from pydicom.uid import UID
 
 from models import __version__
 from models.dicom import install_privacy_guards
-from models.imageio import DicomRef
+from models.image_base import DicomRef
 
 install_privacy_guards()  # already run by importing models.dicom; explicit because highdicom drives pydicom too
 

@@ -22,122 +22,52 @@ from __future__ import annotations
 
 import io
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from models import dicom
+from models.image_base import (
+    DEFAULT_INTENSITY,
+    INTENSITY_POLICIES,
+    DecodedImage,
+    DicomRef,
+    ImageError,
+    ImageTooLargeError,
+    UnprocessableImageError,
+    UnsupportedImageError,
+    check_pixels,
+    resolve_intensity,
+    scale_to_unit,
+)
+
+# The shared types live in models.image_base (so that models.dicom need not import this module); callers keep
+# importing them from here.
+__all__ = [
+    "DEFAULT_INTENSITY",
+    "DICOM_SUFFIXES",
+    "IMAGE_SUFFIXES",
+    "INTENSITY_POLICIES",
+    "DecodedImage",
+    "DicomRef",
+    "ImageError",
+    "ImageTooLargeError",
+    "UnprocessableImageError",
+    "UnsupportedImageError",
+    "image_size",
+    "is_dicom",
+    "looks_like_dicom",
+    "read_image",
+    "read_image_file",
+    "read_mask_file",
+    "resolve_intensity",
+]
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
-DEFAULT_INTENSITY = "dicom-window"
-INTENSITY_POLICIES: dict[str, str] = {
-    "dicom-window": (
-        "<=8-bit integer samples: v/(2**bits-1); more bits: per-image min-max; DICOM: modality LUT, then the "
-        "VOI LUT or first window when present (PS3.3 C.11.2), MONOCHROME1 inverted"
-    ),
-    "ignore-window": (
-        "as dicom-window, but DICOM VOI LUTs and windows are ignored: DICOM with more than 8 bits is min-max "
-        "scaled after the modality LUT, like 16-bit PNG"
-    ),
-}
-# The free-text default that ``Preprocessing.intensity`` carried before policies had names: it described the
-# "dicom-window" pipeline, so checkpoints that record it keep that behaviour.
-_LEGACY_INTENSITY = "uint8:/255; high-bit-depth and DICOM: modality LUT, VOI window (else min-max) to [0,1]"
-
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I", "F")
-
-
-class ImageError(ValueError):
-    """The bytes are not a readable image (HTTP 400)."""
-
-
-class UnsupportedImageError(ImageError):
-    """A recognised but unsupported encoding, e.g. a DICOM transfer syntax no plugin decodes (HTTP 415)."""
-
-
-class UnprocessableImageError(ImageError):
-    """A valid image the models cannot take, e.g. a multi-frame DICOM volume (HTTP 422)."""
-
-
-class ImageTooLargeError(ImageError):
-    """More pixels than allowed, detected from the header before decoding (HTTP 413)."""
-
-
-@dataclass
-class DicomRef:
-    """Identifiers of a DICOM source image that may be echoed back (never patient identifiers).
-
-    Attributes:
-        study_instance_uid: StudyInstanceUID, or None when absent or not a syntactically valid UID.
-        series_instance_uid: SeriesInstanceUID, likewise.
-        sop_instance_uid: SOPInstanceUID, likewise.
-        dataset: the full pydicom ``Dataset`` (patient data included), kept only to write DICOM SEG; never log
-            or serialise it.
-    """
-
-    study_instance_uid: str | None = None
-    series_instance_uid: str | None = None
-    sop_instance_uid: str | None = None
-    dataset: Any = field(default=None, repr=False)
-
-    def uids(self) -> dict[str, str | None]:
-        """The three UIDs keyed by their DICOM keywords (values may be None)."""
-        return {
-            "StudyInstanceUID": self.study_instance_uid,
-            "SeriesInstanceUID": self.series_instance_uid,
-            "SOPInstanceUID": self.sop_instance_uid,
-        }
-
-
-@dataclass
-class DecodedImage:
-    """A decoded 2D image.
-
-    Attributes:
-        pixels: float32 (H, W, C) in [0, 1], C in {1, 3}.
-        format: source format, e.g. ``"png"``, ``"jpeg"``, ``"tiff"``, ``"dicom"``.
-        bit_depth: bits per sample of the source (DICOM: ``BitsStored``).
-        dicom: DICOM identifiers when the source was DICOM.
-        normalization: how this image's samples were mapped to [0, 1]: ``"bit-depth"``, ``"min-max"``,
-            ``"voi-lut"`` or ``"window-linear"`` / ``"window-linear_exact"`` / ``"window-sigmoid"``.
-    """
-
-    pixels: np.ndarray
-    format: str
-    bit_depth: int = 8
-    dicom: DicomRef | None = None
-    normalization: str = "bit-depth"
-
-    @property
-    def height(self) -> int:
-        return int(self.pixels.shape[0])
-
-    @property
-    def width(self) -> int:
-        return int(self.pixels.shape[1])
-
-
-def resolve_intensity(value: str | None) -> str:
-    """Validates an intensity policy name (e.g. ``Preprocessing.intensity`` from a checkpoint).
-
-    Args:
-        value: a key of ``INTENSITY_POLICIES``; None, "" and the legacy free-text default mean the default.
-
-    Returns:
-        The policy name.
-
-    Raises:
-        ValueError: an unknown policy (e.g. a checkpoint written by a newer MedServe).
-    """
-    if value is None or value.strip() in ("", _LEGACY_INTENSITY):
-        return DEFAULT_INTENSITY
-    name = value.strip()
-    if name not in INTENSITY_POLICIES:
-        raise ValueError(f"unknown intensity policy {value!r}; known: {sorted(INTENSITY_POLICIES)}")
-    return name
 
 
 def is_dicom(data: bytes) -> bool:
@@ -168,27 +98,6 @@ _PIL_DECODE_ERRORS: tuple[type[Exception], ...] = (
 _MASK_READ_ERRORS: tuple[type[Exception], ...] = (Image.DecompressionBombError, *_PIL_DECODE_ERRORS)
 
 
-def _check_pixels(height: int, width: int, max_pixels: int | None) -> None:
-    if height <= 0 or width <= 0:
-        raise ImageError(f"image has no pixels ({width}x{height})")
-    if max_pixels is not None and height * width > max_pixels:
-        raise ImageTooLargeError(
-            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
-        )
-
-
-def _scale_to_unit(arr: np.ndarray) -> np.ndarray:
-    """Per-image min-max to [0, 1] (computed in float64; NaN/inf are treated as the minimum)."""
-    values = np.asarray(arr, dtype=np.float64)
-    finite = np.isfinite(values)
-    if not finite.all():
-        values = np.where(finite, values, np.min(values[finite]) if finite.any() else 0.0)
-    lo, hi = float(values.min()), float(values.max())
-    if hi <= lo:
-        return np.zeros(values.shape, dtype=np.float32)
-    return ((values - lo) / (hi - lo)).astype(np.float32)
-
-
 def _high_depth_bits(img: Image.Image) -> int:
     tiff_bits = getattr(img, "tag_v2", {}).get(258) if img.format == "TIFF" else None
     if isinstance(tiff_bits, tuple):
@@ -202,7 +111,7 @@ def _pil_to_pixels(img: Image.Image) -> tuple[np.ndarray, int, str]:
     """Converts an opened PIL image to float (H, W, C) in [0, 1]; returns (pixels, bit depth, normalization)."""
     mode = img.mode
     if mode in _HIGH_DEPTH_MODES:
-        return _scale_to_unit(np.asarray(img))[:, :, None], _high_depth_bits(img), "min-max"
+        return scale_to_unit(np.asarray(img))[:, :, None], _high_depth_bits(img), "min-max"
     bits = 1 if mode == "1" else 8
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -232,8 +141,6 @@ def image_size(data: bytes, *, max_pixels: int | None = None) -> tuple[int, int]
         ImageError: the header is unreadable (``ImageTooLargeError`` for a deflated DICOM bomb).
     """
     if is_dicom(data):
-        from models import dicom
-
         return dicom.image_size(data, max_pixels=max_pixels)
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -278,14 +185,12 @@ def read_image(
     if not data:
         raise ImageError("the file is empty")
     if is_dicom(data) or looks_like_dicom(content_type, filename):
-        from models import dicom
-
         return dicom.read_dicom(data, max_pixels=max_pixels, intensity=policy)
     try:
         # Image.open reads only the header. (No per-call warnings.catch_warnings: it swaps process-wide state and
         # races between server threads; max_pixels is checked here, and PIL itself refuses > 2x its own limit.)
         img: Image.Image = Image.open(io.BytesIO(data))
-        _check_pixels(img.height, img.width, max_pixels)
+        check_pixels(img.height, img.width, max_pixels)
         fmt = (img.format or "unknown").lower()
         if getattr(img, "n_frames", 1) > 1 and fmt == "tiff":
             raise UnprocessableImageError("multi-page TIFF: only single 2D images are supported")

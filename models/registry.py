@@ -14,7 +14,15 @@ def _build_unet(**kwargs: Any) -> nn.Module:
     return UNet(**kwargs)
 
 
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {"unet": _build_unet}
+def _build_classifier(**kwargs: Any) -> nn.Module:
+    # Imported here: the torchvision backbones are only needed for classification checkpoints.
+    from models.classifier import Classifier
+
+    kwargs.pop("pretrained", None)  # checkpoints never need pretrained weights to be rebuilt
+    return Classifier(**kwargs)
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {"unet": _build_unet, "classifier": _build_classifier}
 
 
 def register_architecture(name: str, builder: Callable[..., nn.Module]) -> None:
@@ -23,9 +31,6 @@ def register_architecture(name: str, builder: Callable[..., nn.Module]) -> None:
 
 
 def build_architecture(name: str, args: dict[str, Any]) -> nn.Module:
-    if name not in _BUILDERS and name == "classifier":
-        # Imported lazily: the torchvision backbones are only needed for classification checkpoints.
-        import models.classifier  # noqa: F401
     if name not in _BUILDERS:
         raise KeyError(f"unknown architecture {name!r}; known: {sorted(_BUILDERS)}")
     return _BUILDERS[name](**args)

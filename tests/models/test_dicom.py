@@ -388,3 +388,112 @@ def test_pydicom_messages_never_quote_tag_values(caplog: pytest.LogCaptureFixtur
     assert any("withheld" in record.getMessage() for record in caplog.records)  # pydicom did complain
     assert "Doe" not in caplog.text
     assert not any("Doe" in str(w.message) for w in caught)
+
+
+def legacy_apply_window(
+    values: np.ndarray, center: float, width: float, function: str = "LINEAR"
+) -> np.ndarray:
+    """``models.dicom.apply_window`` as it was before it called pydicom (commit 37861c1), kept as the reference
+    for today's numbers."""
+    x = np.asarray(values, dtype=np.float64)
+    function = function.strip().upper() or "LINEAR"
+    c, w = float(center), float(width)
+    if function == "LINEAR":
+        if not w >= 1.0:
+            raise ValueError(f"LINEAR window width must be >= 1, got {w}")
+        lo, hi = c - 0.5 - (w - 1.0) / 2.0, c - 0.5 + (w - 1.0) / 2.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ramp = (x - (c - 0.5)) / (w - 1.0) + 0.5
+        out = np.where(x <= lo, 0.0, np.where(x > hi, 1.0, ramp))
+    elif function == "LINEAR_EXACT":
+        if not w > 0.0:
+            raise ValueError(f"LINEAR_EXACT window width must be > 0, got {w}")
+        out = np.where(x <= c - w / 2.0, 0.0, np.where(x > c + w / 2.0, 1.0, (x - c) / w + 0.5))
+    elif function == "SIGMOID":
+        if not w > 0.0:
+            raise ValueError(f"SIGMOID window width must be > 0, got {w}")
+        out = 1.0 / (1.0 + np.exp(np.clip(-4.0 * (x - c) / w, -700.0, 700.0)))
+    else:
+        raise ValueError(f"unknown VOILUTFunction {function!r}")
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def window_edges(center: float, width: float, function: str) -> tuple[float, float]:
+    """The inputs where the window's output leaves ymin and reaches ymax (PS3.3 C.11.2.1.2.1, C.11.2.1.3.2)."""
+    if function == "LINEAR":
+        return center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+    return center - width / 2, center + width / 2
+
+
+def inputs_around_the_edges(center: float, width: float, function: str) -> np.ndarray:
+    """Inputs at, just beside (one float step) and around both edges, across the window and far outside it."""
+    lo, hi = window_edges(center, width, function)
+    points = [center, center - width, center + width, center - 1e6 * width, center + 1e6 * width]
+    for edge in (lo, hi):
+        points += [edge, np.nextafter(edge, -np.inf), np.nextafter(edge, np.inf)]
+        points += [edge + step for step in (-1.0, -0.5, -0.25, 0.25, 0.5, 1.0)]
+    points += list(np.linspace(lo - width / 4, hi + width / 4, 41))
+    return np.array(points, dtype=np.float64).reshape(1, -1)  # an image row, as the pipeline passes it
+
+
+def standard_window_limit(x: float, c: float, w: float, function: str) -> float:
+    """``standard_window``, with SIGMOID's limit ymin where ``exp`` overflows far below the centre."""
+    try:
+        return standard_window(x, c, w, function)
+    except OverflowError:
+        return 0.0
+
+
+# (center, width) pairs: PS3.3's LINEAR examples (C.11.2.1.2.1: identity of 12 bits, threshold, a signed
+# 100-wide window, threshold at zero), a CT soft-tissue window, and fractional values.
+STANDARD_WINDOWS = [(2048.0, 4096.0), (2048.0, 1.0), (0.0, 100.0), (0.0, 1.0), (40.0, 400.0), (-0.25, 2.5)]
+
+# The standard's LINEAR examples as it writes them out (there for an output range 0-255, here 0-1).
+WRITTEN_OUT_LINEAR_EXAMPLES = {
+    (2048.0, 4096.0): lambda x: np.where(x <= 0, 0.0, np.where(x > 4095, 1.0, (x - 2047.5) / 4095 + 0.5)),
+    (2048.0, 1.0): lambda x: np.where(x <= 2047.5, 0.0, 1.0),
+    (0.0, 100.0): lambda x: np.where(x <= -50, 0.0, np.where(x > 49, 1.0, (x + 0.5) / 99 + 0.5)),
+    (0.0, 1.0): lambda x: np.where(x <= -0.5, 0.0, 1.0),
+}
+
+
+@pytest.mark.parametrize(("center", "width"), list(WRITTEN_OUT_LINEAR_EXAMPLES))
+def test_linear_window_matches_the_standards_written_out_examples(center: float, width: float):
+    x = inputs_around_the_edges(center, width, "LINEAR")
+    expected = WRITTEN_OUT_LINEAR_EXAMPLES[center, width](x)
+    np.testing.assert_allclose(dicom.apply_window(x, center, width), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize(("center", "width"), STANDARD_WINDOWS)
+def test_window_by_pydicom_keeps_todays_numbers_and_the_standards(center: float, width: float, function: str):
+    x = inputs_around_the_edges(center, width, function)
+    new = dicom.apply_window(x, center, width, function)
+    assert new.dtype == np.float32 and new.shape == x.shape
+    np.testing.assert_array_equal(new, legacy_apply_window(x, center, width, function))  # bit for bit
+    reference = [standard_window_limit(float(v), center, width, function) for v in x.ravel()]
+    np.testing.assert_allclose(new[0], reference, atol=1e-6)
+    if function != "SIGMOID":  # ymin at the lower edge itself, ymax one float step above the upper one
+        lo, hi = window_edges(center, width, function)
+        edges = dicom.apply_window(np.array([lo, np.nextafter(hi, np.inf)]), center, width, function)
+        np.testing.assert_array_equal(edges, [0.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    ("function", "width"),
+    [
+        ("LINEAR", 0.0),
+        ("LINEAR", 0.5),
+        ("LINEAR", math.nan),
+        ("LINEAR_EXACT", 0.0),
+        ("SIGMOID", -1.0),
+        ("SIGMOID", math.nan),
+        ("CUBIC", 10.0),
+    ],
+)
+def test_invalid_windows_are_refused_as_before(function: str, width: float):
+    with pytest.raises(ValueError) as legacy:
+        legacy_apply_window(np.zeros(3), 0.0, width, function)
+    with pytest.raises(ValueError) as new:
+        dicom.apply_window(np.zeros(3), 0.0, width, function)
+    assert str(new.value) == str(legacy.value)
