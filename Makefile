@@ -39,7 +39,7 @@ typecheck: $(STAMP)
 
 # The documentation site (mkdocs.yml, docs/): strict, so a broken link, anchor or nav entry fails the build.
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 unit: $(STAMP)
 	$(VENV)/bin/pytest -q
