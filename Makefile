@@ -11,7 +11,7 @@ MODEL_DIR ?= checkpoints
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install run demo test lint typecheck unit bench clean docker docker-cpu
+.PHONY: install run demo test lint typecheck docs unit bench clean docker docker-cpu
 
 install: $(STAMP)
 
@@ -37,16 +37,20 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
+# The documentation site (mkdocs.yml, docs/): strict, so a broken link, anchor or nav entry fails the build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 unit: $(STAMP)
 	$(VENV)/bin/pytest -q
 
-test: lint typecheck unit
+test: lint typecheck docs unit
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_service.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache site
 
 # Container images (needs a Docker engine; CI has none and checks the files with hadolint and structural tests).
 docker:
