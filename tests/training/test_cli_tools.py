@@ -12,7 +12,8 @@ from models.preprocessing import Preprocessing
 from models.unet import UNet
 from tests.training.helpers import tiny_unet_args
 from training.cli import main as cli_main
-from training.synthetic import GENERATORS, dental_phantom
+from training.segmentation.synthetic import dental_phantom
+from training.synth import GENERATORS
 
 
 def test_synth_dental_writes_matching_images_and_exact_binary_masks(tmp_path, capsys):
