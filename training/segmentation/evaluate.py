@@ -3,7 +3,7 @@
 Every image of ``DIR/images`` (with ``DIR/masks``) is predicted at full resolution by sliding-window inference
 (``models.inference.segment_probabilities``; windows of the training crop size, overlapping and blended), with
 test-time augmentation over the flips the model was trained with unless ``--no-tta``. The baselines of
-``training.baselines`` run on the same images.
+``training.segmentation.baselines`` run on the same images.
 
 Writes ``OUTDIR/report.json`` (``n_images``; ``methods`` -> ``unet``/``otsu``/``kmeans``/``region_growing`` ->
 ``dice``, ``iou``, ``hd95``, ``per_class_dice``), ``OUTDIR/report.md``, ``OUTDIR/per_image.csv`` and contour
@@ -131,7 +131,7 @@ def write_markdown(
         *_comparison(methods),
         "",
         "Baselines work on the grayscale intensity; which intensity group is which class is decided once on the "
-        "evaluated data (the class ranking by mean intensity), see `training/baselines.py`.",
+        "evaluated data (the class ranking by mean intensity), see `training/segmentation/baselines.py`.",
         "",
         "Overlays (`overlays/`): green = true contour, magenta = U-Net contour.",
         "",
