@@ -187,6 +187,7 @@ def selection_score(metrics: dict[str, Any], select: str) -> tuple[float, float]
 
 
 def check_args(args: argparse.Namespace) -> None:
+    """Refuses option values no run can use (ValueError naming the option)."""
     if args.epochs < 1:
         raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
     if args.batch_size < 1:
@@ -200,6 +201,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def build_model(args: argparse.Namespace, n_classes: int, in_channels: int, pretrained: str) -> Classifier:
+    """The classifier the model options describe, with its ``--strategy`` (which layers train) applied."""
     model = Classifier(
         backbone=args.backbone,
         num_classes=n_classes,

@@ -230,6 +230,7 @@ def prepare_data(args: argparse.Namespace) -> Prepared:
 
 
 def state_path(out: Path) -> Path:
+    """The ``--resume`` state written beside checkpoint ``out``: ``<stem>.train-state``."""
     return out.with_name(out.stem + STATE_SUFFIX)
 
 
@@ -246,6 +247,7 @@ def build_augment(args: argparse.Namespace, size: tuple[int, int]) -> Segmentati
 
 
 def check_args(args: argparse.Namespace) -> None:
+    """Refuses option values no run can use (ValueError naming the option)."""
     if Path(args.out).suffix != ".pt":
         raise ValueError(f"--out must name a .pt checkpoint file, got {args.out}")
     for name in ("epochs", "batch_size"):
