@@ -34,9 +34,9 @@ from models.imageio import resolve_intensity  # noqa: E402
 from models.inference import resolve_device, segment_probabilities  # noqa: E402
 from models.preprocessing import prepare  # noqa: E402
 from models.unet import UNet  # noqa: E402
-from training import data as D  # noqa: E402
-from training.losses import DiceCELoss  # noqa: E402
-from training.train_segment import parse_channels  # noqa: E402
+from training.segmentation import data as D  # noqa: E402
+from training.segmentation.losses import DiceCELoss  # noqa: E402
+from training.segmentation.train import parse_channels  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 LAYOUTS = ("contiguous", "channels_last")

@@ -39,8 +39,8 @@ from bench_layout import (  # noqa: E402
 )
 
 from models.inference import resolve_device  # noqa: E402
-from training import data as D  # noqa: E402
-from training.metrics import dice_per_class  # noqa: E402
+from training.segmentation import data as D  # noqa: E402
+from training.segmentation.metrics import dice_per_class  # noqa: E402
 
 
 def structure_width(mask: np.ndarray) -> float:

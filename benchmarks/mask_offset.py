@@ -40,8 +40,8 @@ from bench_layout import (  # noqa: E402
 )
 
 from models.inference import resolve_device  # noqa: E402
-from training import data as D  # noqa: E402
-from training.metrics import dice_per_class  # noqa: E402
+from training.segmentation import data as D  # noqa: E402
+from training.segmentation.metrics import dice_per_class  # noqa: E402
 
 MAX_SHIFT = 3
 BORDER = 8  # pixels ignored at each edge, where shifted maps wrap or extrapolate

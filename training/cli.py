@@ -11,18 +11,23 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 # (command words, module, one-line help)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
-    (("train", "segment"), "training.train_segment", "train a U-Net on DIR/images + DIR/masks"),
-    (("train", "classify"), "training.train_classify", "fine-tune a CNN classifier on DIR/<class>/*"),
+    (("train", "segment"), "training.segmentation.train", "train a U-Net on DIR/images + DIR/masks"),
+    (("train", "classify"), "training.classification.train", "fine-tune a CNN classifier on DIR/<class>/*"),
     (
         ("eval", "segment"),
-        "training.eval_segment",
+        "training.segmentation.evaluate",
         "evaluate a segmentation model against classical baselines",
     ),
-    (("eval", "classify"), "training.eval_classify", "evaluate a classifier against classical baselines"),
-    (("synth",), "training.synthetic", "generate the synthetic phantom data sets"),
+    (
+        ("eval", "classify"),
+        "training.classification.evaluate",
+        "evaluate a classifier against classical baselines",
+    ),
+    (("synth",), "training.synth", "generate the synthetic phantom data sets"),
     (("demo",), "training.demo", "build demo checkpoints on synthetic data if none exist"),
     (("serve",), "app.cli", "start the inference service"),
     (("export",), "training.export", "export a checkpoint to ONNX or TorchScript"),
@@ -34,7 +39,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medserve", description="Train and serve medical imaging models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    groups: dict[str, argparse._SubParsersAction] = {}
+    groups: dict[str, Any] = {}  # command word -> its sub-parsers (argparse has no public type for them)
     for words, module, help_text in COMMANDS:
         if len(words) == 1:
             cmd = sub.add_parser(words[0], help=help_text, description=help_text)

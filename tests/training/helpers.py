@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from models.checkpoint import Architecture, CheckpointMetadata, save_checkpoint
+from models.preprocessing import Preprocessing
+from models.unet import UNet
 
 
 def train_argv(task: str, data: Path, out: Path, *options: str) -> list[str]:
@@ -19,3 +23,20 @@ def eval_argv(task: str, model: Path, data: Path, out: Path, *options: str) -> l
 def tiny_unet_args() -> dict[str, Any]:
     """Constructor arguments of a two-level, 4-8 wide U-Net with two classes (a fresh dict per call)."""
     return {"in_channels": 1, "out_channels": 2, "channels": [4, 8], "norm": "batch", "dropout": 0.0}
+
+
+def save_tiny_unet(
+    path: Path,
+    task: Literal["segmentation", "classification"] = "segmentation",
+    metrics: dict[str, Any] | None = None,
+) -> CheckpointMetadata:
+    """Saves a ``tiny_unet_args`` U-Net (classes background, tooth; 32x32 gray) as a checkpoint claiming ``task``."""
+    args = tiny_unet_args()
+    meta = CheckpointMetadata(
+        task=task,
+        architecture=Architecture(name="unet", args=args),
+        classes=["background", "tooth"],
+        preprocessing=Preprocessing(in_channels=1, img_size=(32, 32)),
+        metrics=metrics or {},
+    )
+    return save_checkpoint(path, UNet(**args), meta)

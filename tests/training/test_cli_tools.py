@@ -9,10 +9,10 @@ from PIL import Image
 
 from models.checkpoint import Architecture, CheckpointMetadata, save_checkpoint
 from models.preprocessing import Preprocessing
-from models.unet import UNet
-from tests.training.helpers import tiny_unet_args
+from tests.training.helpers import save_tiny_unet
 from training.cli import main as cli_main
-from training.synthetic import GENERATORS, dental_phantom
+from training.segmentation.synthetic import dental_phantom
+from training.synth import GENERATORS
 
 
 def test_synth_dental_writes_matching_images_and_exact_binary_masks(tmp_path, capsys):
@@ -48,15 +48,7 @@ def test_unknown_kind_is_refused(tmp_path):
 
 
 def _save(path, task="segmentation"):
-    args = tiny_unet_args()
-    meta = CheckpointMetadata(
-        task=task,
-        architecture=Architecture(name="unet", args=args),
-        classes=["background", "tooth"],
-        preprocessing=Preprocessing(in_channels=1, img_size=(32, 32)),
-        metrics={"dice": 0.5},
-    )
-    return save_checkpoint(path, UNet(**args), meta)
+    return save_tiny_unet(path, task, metrics={"dice": 0.5})
 
 
 def test_info_prints_the_metadata_as_json(tmp_path, capsys):

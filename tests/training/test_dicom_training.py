@@ -16,10 +16,10 @@ from models.imageio import read_image_file
 from models.preprocessing import Preprocessing, prepare
 from tests.models.test_dicom import make_dicom
 from tests.training.helpers import eval_argv, train_argv
+from training.classification.data import load_image
 from training.cli import build_parser
 from training.cli import main as cli_main
-from training.data_classify import load_image
-from training.train_segment import prepare_data
+from training.segmentation.train import prepare_data
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning:pydicom"),

@@ -1,0 +1,2 @@
+"""Classification (transfer-learned CNN): data, augmentation, metrics, training, evaluation, baselines, lesion
+phantoms."""

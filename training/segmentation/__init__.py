@@ -1,0 +1,1 @@
+"""Segmentation (U-Net): data, augmentation, losses, metrics, training, evaluation, baselines, dental phantoms."""
