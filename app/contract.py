@@ -40,6 +40,21 @@ RunnerT = TypeVar("RunnerT", bound="Runner[Any]")
 
 
 @dataclass(frozen=True)
+class ServingOptions:
+    """Where and how a runner runs its network.
+
+    Attributes:
+        device: where the model runs.
+        precision: ``fp32``, or ``fp16``/``bf16`` autocast on CUDA.
+        forward_batch_size: most images (or windows) per forward pass.
+    """
+
+    device: torch.device
+    precision: Precision
+    forward_batch_size: int
+
+
+@dataclass(frozen=True)
 class ImageUpload:
     """One uploaded image as it arrived: bytes, declared content type and (client) file name."""
 
@@ -139,11 +154,9 @@ class Runner(ABC, Generic[OutputT]):
 
     Args:
         name: the model's name (checkpoint file stem).
-        model: the network in eval mode on ``device``.
+        model: the network in eval mode on ``serving.device``.
         metadata: the checkpoint's metadata.
-        device: where the model runs.
-        precision: ``fp32``, or ``fp16``/``bf16`` autocast on CUDA.
-        forward_batch_size: most images (or windows) per forward pass.
+        serving: device, precision and forward batch size.
 
     Raises:
         CheckpointError: a checkpoint of another task, or one the runner cannot serve (``check_metadata``).
@@ -152,19 +165,12 @@ class Runner(ABC, Generic[OutputT]):
     task: ClassVar[str]
 
     def __init__(
-        self,
-        name: str,
-        model: nn.Module,
-        metadata: CheckpointMetadata,
-        *,
-        device: torch.device,
-        precision: Precision,
-        forward_batch_size: int,
+        self, name: str, model: nn.Module, metadata: CheckpointMetadata, serving: ServingOptions
     ) -> None:
         if metadata.task != self.task:
             raise ValueError(f"{type(self).__name__} serves {self.task} models, not {metadata.task}")
-        if forward_batch_size < 1:
-            raise ValueError(f"forward_batch_size must be >= 1, got {forward_batch_size}")
+        if serving.forward_batch_size < 1:
+            raise ValueError(f"forward_batch_size must be >= 1, got {serving.forward_batch_size}")
         self.name = name
         self.model = model
         self.metadata = metadata
@@ -173,31 +179,21 @@ class Runner(ABC, Generic[OutputT]):
             self.intensity = resolve_intensity(self.spec.intensity)
         except ValueError as exc:  # reading differently from training would give silently wrong answers
             raise CheckpointError(f"{name}: {exc}; the checkpoint needs a newer MedServe") from exc
-        self.device = device
-        self.precision = precision
-        self.forward_batch_size = forward_batch_size
+        self.device = serving.device
+        self.precision = serving.precision
+        self.forward_batch_size = serving.forward_batch_size  # the batch-size tuning may lower it
         self.check_metadata()
 
     @classmethod
     def setup(
-        cls,
-        name: str,
-        model: nn.Module,
-        metadata: CheckpointMetadata,
-        *,
-        device: torch.device,
-        precision: Precision,
-        forward_batch_size: int,
+        cls, name: str, model: nn.Module, metadata: CheckpointMetadata, serving: ServingOptions
     ) -> Self:
-        """Builds the runner of a loaded checkpoint: the network moves onto ``device`` (eval mode, channels_last).
+        """Builds the runner of a loaded checkpoint: the network moves onto the device (eval mode, channels_last).
 
         Raises:
             CheckpointError: a checkpoint the runner cannot serve.
         """
-        model = prepare_for_device(model, device)
-        return cls(
-            name, model, metadata, device=device, precision=precision, forward_batch_size=forward_batch_size
-        )
+        return cls(name, prepare_for_device(model, serving.device), metadata, serving)
 
     def check_metadata(self) -> None:
         """Task-specific checks of the checkpoint (and settings read from it), run at the end of ``__init__``.

@@ -308,16 +308,14 @@ CLASSIFY_EXAMPLE = {
     ],
 }
 
-register_output_format(
+BUILT_IN_FORMATS: tuple[OutputFormat[Any], ...] = (
     OutputFormat(
         task=SegmentationRunner.task,
         name="png",
         media_type="image/png",
         encoder=encode_mask_png,
         description="single-channel 8-bit PNG: 0/255 for a binary model, the class index otherwise.",
-    )
-)
-register_output_format(
+    ),
     OutputFormat(
         task=SegmentationRunner.task,
         name="overlay",
@@ -325,9 +323,7 @@ register_output_format(
         encoder=encode_overlay,
         description="RGB PNG of the image with the mask drawn over it in colour.",
         needs_pixels=True,
-    )
-)
-register_output_format(
+    ),
     OutputFormat(
         task=SegmentationRunner.task,
         name="json",
@@ -336,9 +332,7 @@ register_output_format(
         description="per-class area, bounding box and connected components; for DICOM input also `dicom`, "
         "the request's Study/Series/SOP Instance UIDs (never patient data).",
         openapi={"schema": SegmentSummary.model_json_schema(), "example": SEGMENT_SUMMARY_EXAMPLE},
-    )
-)
-register_output_format(
+    ),
     OutputFormat(
         task=SegmentationRunner.task,
         name="dicom-seg",
@@ -348,9 +342,7 @@ register_output_format(
         "source series and instance, one segment per foreground class named after it.",
         needs_source=True,
         check=check_seg_source,
-    )
-)
-register_output_format(
+    ),
     OutputFormat(
         task=ClassificationRunner.task,
         name="json",
@@ -359,5 +351,7 @@ register_output_format(
         description="per image, in upload order, the most probable label and the class probabilities.",
         openapi={"example": CLASSIFY_EXAMPLE},
         cheap=True,
-    )
+    ),
 )
+for built_in in BUILT_IN_FORMATS:
+    register_output_format(built_in)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from app.contract import ImageUpload, ModelInput, Runner
+from app.contract import ImageUpload, ModelInput, Runner, ServingOptions
 from models.checkpoint import CheckpointError, load_model
 from models.classifier import probabilities
 from models.inference import Precision, forward, merge_tiles, split_tiles
@@ -207,6 +207,4 @@ def load_runner(
     runner_class = RUNNERS.get(metadata.task)
     if runner_class is None:
         raise CheckpointError(f"{path}: no runner for task {metadata.task!r}")
-    return runner_class.setup(
-        name, model, metadata, device=device, precision=precision, forward_batch_size=forward_batch_size
-    )
+    return runner_class.setup(name, model, metadata, ServingOptions(device, precision, forward_batch_size))

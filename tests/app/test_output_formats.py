@@ -3,6 +3,7 @@ validated, decoded for and documented without touching the routes; the runner co
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.contract import ImageUpload, OutputFormat, Prediction, ResponseOptions
+from app.contract import ImageUpload, OutputFormat, Prediction, ResponseOptions, RunnerT
 from app.outputs import (
     check_input,
     output_formats,
@@ -54,9 +55,19 @@ def encode_labels(
     return "".join(runner.classes[int(np.argmax(p.output))] + "\n" for p in predictions).encode()
 
 
+@contextlib.contextmanager
+def registered(output_format: OutputFormat[RunnerT]) -> Iterator[OutputFormat[RunnerT]]:
+    """Registers ``output_format`` for the test and removes it afterwards, whatever the test did."""
+    register_output_format(output_format)
+    try:
+        yield output_format
+    finally:
+        unregister_output_format(output_format.task, output_format.name)
+
+
 @pytest.fixture
 def mask_sum() -> Iterator[OutputFormat[SegmentationRunner]]:
-    registered = register_output_format(
+    with registered(
         OutputFormat(
             task="segmentation",
             name="mask-sum",
@@ -66,16 +77,13 @@ def mask_sum() -> Iterator[OutputFormat[SegmentationRunner]]:
             needs_pixels=True,
             openapi={"schema": {"type": "string"}},
         )
-    )
-    try:
-        yield registered
-    finally:
-        unregister_output_format("segmentation", "mask-sum")
+    ) as output_format:
+        yield output_format
 
 
 @pytest.fixture
 def labels() -> Iterator[OutputFormat[ClassificationRunner]]:
-    registered = register_output_format(
+    with registered(
         OutputFormat(
             task="classification",
             name="labels",
@@ -84,11 +92,8 @@ def labels() -> Iterator[OutputFormat[ClassificationRunner]]:
             description="one label per line.",
             openapi={"schema": {"type": "string"}},
         )
-    )
-    try:
-        yield registered
-    finally:
-        unregister_output_format("classification", "labels")
+    ) as output_format:
+        yield output_format
 
 
 async def test_a_registered_format_is_served_and_documented_by_the_real_route(
