@@ -13,6 +13,10 @@ a key: a caller without one learns nothing, not even which endpoints exist.
 
 Refusals are 401 ``application/problem+json`` (``/problems/unauthorized``) with ``WWW-Authenticate``; the
 request body is never read. Keys are never logged, echoed or shown in error messages.
+
+In OpenAPI, the key schemes are FastAPI security dependencies (``APIKeyHeader`` and ``HTTPBearer`` in
+``require_api_key``): ``include_routes`` adds that dependency to every route the access policy does not open,
+so the documented ``securitySchemes`` and each operation's ``security`` are what the middleware enforces.
 """
 
 from __future__ import annotations

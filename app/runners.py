@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from app.contract import ImageUpload, ModelInput, Runner, ServingOptions
+from app.contract import ImageUpload, ModelInput, Runner, RunnerT, ServingOptions
 from models.checkpoint import CheckpointError, load_model
 from models.classifier import probabilities
 from models.inference import Precision, forward, merge_tiles, split_tiles
@@ -177,7 +177,7 @@ class ClassificationRunner(Runner[np.ndarray]):
 RUNNERS: dict[str, type[Runner[Any]]] = {}
 
 
-def register_runner(runner_class: type[Runner[Any]]) -> type[Runner[Any]]:
+def register_runner(runner_class: type[RunnerT]) -> type[RunnerT]:
     """Serves checkpoints of ``runner_class.task`` with ``runner_class``; usable as a class decorator.
 
     Raises:
