@@ -13,6 +13,10 @@ a key: a caller without one learns nothing, not even which endpoints exist.
 
 Refusals are 401 ``application/problem+json`` (``/problems/unauthorized``) with ``WWW-Authenticate``; the
 request body is never read. Keys are never logged, echoed or shown in error messages.
+
+In OpenAPI, the key schemes are FastAPI security dependencies (``APIKeyHeader`` and ``HTTPBearer`` in
+``require_api_key``): ``include_routes`` adds that dependency to every route the access policy does not open,
+so the documented ``securitySchemes`` and each operation's ``security`` are what the middleware enforces.
 """
 
 from __future__ import annotations
@@ -20,16 +24,18 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, Depends, FastAPI, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import NotReady, Unauthorized, problem_response, retry_after
-from app.settings import Settings, SettingsError, env_name
+from app.schemas import problem_responses
+from app.settings import Settings, SettingsError, env_name, load_settings
 
 API_KEY_HEADER = "X-API-Key"
 MIN_KEY_LENGTH = 16
@@ -166,6 +172,15 @@ class AccessPolicy:
     def from_settings(cls, settings: Settings) -> AccessPolicy:
         return cls(docs_open=not settings.docs_auth, metrics_open=not settings.metrics_auth)
 
+    @classmethod
+    def from_environment(cls) -> AccessPolicy:
+        """The policy of the ``MEDSERVE_*`` settings; the defaults when they are invalid (startup then fails
+        with the settings error)."""
+        try:
+            return cls.from_settings(load_settings())
+        except SettingsError:
+            return cls()
+
     def is_open(self, path: str) -> bool:
         if path in HEALTH_PATHS:
             return True
@@ -174,6 +189,19 @@ class AccessPolicy:
         if path == METRICS_PATH:
             return self.metrics_open
         return False
+
+
+def refusal(keys: ApiKeys, headers: Iterable[tuple[bytes, bytes]]) -> Unauthorized | None:
+    """The 401 for a request without a valid key among ``headers``; None when its key is valid."""
+    key, sent = presented_key(headers)
+    if keys.check(key):
+        return None
+    detail = (
+        "the API key is not valid"
+        if sent
+        else f"an API key is required: send it as '{API_KEY_HEADER}: KEY' or 'Authorization: Bearer KEY'"
+    )
+    return Unauthorized(detail, headers={"WWW-Authenticate": WWW_AUTHENTICATE})
 
 
 class ApiKeyAuth:
@@ -201,31 +229,44 @@ class ApiKeyAuth:
                 await problem_response(starting)(scope, receive, send)
             return
         keys: ApiKeys | None = getattr(state, "api_keys", None)
-        if keys is None or policy.is_open(path):
+        problem = None if keys is None or policy.is_open(path) else refusal(keys, scope.get("headers", []))
+        if problem is None:
             await self.app(scope, receive, send)
-            return
-        key, sent = presented_key(scope.get("headers", []))
-        if keys.check(key):
-            await self.app(scope, receive, send)
-            return
-        detail = (
-            "the API key is not valid"
-            if sent
-            else f"an API key is required: send it as '{API_KEY_HEADER}: KEY' or 'Authorization: Bearer KEY'"
-        )
-        problem = Unauthorized(detail, headers={"WWW-Authenticate": WWW_AUTHENTICATE})
-        await problem_response(problem)(scope, receive, send)
+        else:
+            await problem_response(problem)(scope, receive, send)
 
 
-# -- OpenAPI ----------------------------------------------------------------------------------------------
+# -- OpenAPI: the key schemes as FastAPI security dependencies -------------------------------------------
 
-API_KEY_SCHEME = "ApiKeyHeader"
-BEARER_SCHEME = "BearerToken"
+KEYS_NOTE = "needed only when the service is configured with MEDSERVE_API_KEYS or MEDSERVE_API_KEYS_FILE"
+API_KEY_SCHEME = APIKeyHeader(
+    name=API_KEY_HEADER, scheme_name="ApiKeyHeader", description=f"API key ({KEYS_NOTE})", auto_error=False
+)
+BEARER_SCHEME = HTTPBearer(
+    scheme_name="BearerToken", description=f"the API key as a token ({KEYS_NOTE})", auto_error=False
+)
 
 
-def _unauthorized_response() -> dict[str, Any]:
-    from app.schemas import problem_responses  # the one place that describes problem bodies
+async def require_api_key(
+    request: Request,
+    api_key: Annotated[str | None, Security(API_KEY_SCHEME)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER_SCHEME)],
+) -> None:
+    """The key requirement of a protected operation, declared so that OpenAPI documents both schemes.
 
+    ``ApiKeyAuth`` refused a request without a valid key before its body was read (this runs before the route
+    reads it too, but cannot refuse unknown paths or the docs); checking here again keeps a protected
+    operation closed even in an app assembled without the middleware. ``api_key`` and ``bearer`` (what
+    FastAPI parsed) are not used: the one parser is ``presented_key``.
+    """
+    keys: ApiKeys | None = getattr(request.app.state, "api_keys", None)
+    problem = None if keys is None else refusal(keys, request.scope.get("headers", []))
+    if problem is not None:
+        raise problem
+
+
+def unauthorized_response() -> dict[str, Any]:
+    """The OpenAPI 401 response of a protected operation."""
     entry = problem_responses(401)[401]
     entry["headers"] = {
         "WWW-Authenticate": {"description": "the accepted scheme", "schema": {"type": "string"}}
@@ -233,41 +274,14 @@ def _unauthorized_response() -> dict[str, Any]:
     return entry
 
 
-def document_security(app: FastAPI) -> None:
-    """Adds the two key schemes, and a 401 response to every protected operation, to the app's OpenAPI.
-
-    Which operations are protected follows the policy in force (``app.state.access_policy``, the defaults
-    before startup). The description says keys apply only when the service has some configured.
-    """
-    generate: Callable[[], dict[str, Any]] = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        schema = generate()  # cached by FastAPI after the first call
-        if "securitySchemes" in schema.get("components", {}):
-            return schema
-        policy: AccessPolicy = getattr(app.state, "access_policy", None) or AccessPolicy()
-        note = "needed only when the service is configured with MEDSERVE_API_KEYS or MEDSERVE_API_KEYS_FILE"
-        schema.setdefault("components", {})["securitySchemes"] = {
-            API_KEY_SCHEME: {
-                "type": "apiKey",
-                "in": "header",
-                "name": API_KEY_HEADER,
-                "description": f"API key ({note})",
-            },
-            BEARER_SCHEME: {
-                "type": "http",
-                "scheme": "bearer",
-                "description": f"the API key as a token ({note})",
-            },
-        }
-        unauthorized = _unauthorized_response()
-        for path, operations in schema.get("paths", {}).items():
-            for operation in operations.values():
-                if policy.is_open(path):
-                    operation["security"] = []
-                    continue
-                operation["security"] = [{API_KEY_SCHEME: []}, {BEARER_SCHEME: []}]
-                operation.setdefault("responses", {}).setdefault("401", unauthorized)
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+def include_routes(app: FastAPI, router: APIRouter, policy: AccessPolicy) -> None:
+    """Adds ``router``'s routes to ``app``; those ``policy`` does not open declare the key requirement
+    (``require_api_key``), so the OpenAPI schemes and each operation's ``security`` follow what is enforced."""
+    open_routes = [route for route in router.routes if policy.is_open(getattr(route, "path", ""))]
+    protected = [route for route in router.routes if route not in open_routes]
+    app.include_router(APIRouter(routes=open_routes))
+    app.include_router(
+        APIRouter(routes=protected),
+        dependencies=[Depends(require_api_key)],
+        responses={401: unauthorized_response()},
+    )

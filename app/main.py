@@ -23,14 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from fastapi import FastAPI
 
-from app.auth import AccessPolicy, ApiKeyAuth, document_security, load_api_keys
+from app.auth import AccessPolicy, ApiKeyAuth, include_routes, load_api_keys
 from app.errors import install_error_handlers
 from app.logs import configure_logging
 from app.metrics import ServiceMetrics
 from app.metrics import router as metrics_router
 from app.middleware import RequestContext
 from app.registry import ModelRegistry
-from app.routes import router
+from app.routes import image_router, router
 from app.settings import Settings, SettingsError, check_runtime, env_name, load_settings
 from app.uploads import BodySizeLimit
 from models import __version__
@@ -85,7 +85,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.error("%s", exc)
         raise
     app.state.api_keys = api_keys
-    app.state.access_policy = AccessPolicy.from_settings(settings)
+    # Enforced as declared on the routes (and so documented), whatever the environment says by now.
+    app.state.access_policy = app.state.declared_access_policy
     if api_keys is None:
         logger.warning("no API keys configured (MEDSERVE_API_KEYS / MEDSERVE_API_KEYS_FILE): the API is open")
     else:
@@ -143,9 +144,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit)
     app.add_middleware(ApiKeyAuth)
     app.add_middleware(RequestContext)
-    app.include_router(router)
-    app.include_router(metrics_router)
-    document_security(app)
+    # Which operations need a key is fixed here, so that OpenAPI documents what the middleware enforces.
+    policy = AccessPolicy.from_settings(settings) if settings is not None else AccessPolicy.from_environment()
+    app.state.declared_access_policy = policy
+    for routes in (image_router(), router, metrics_router):  # the image routes follow the output formats
+        include_routes(app, routes, policy)
     return app
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from fastapi import APIRouter, Request
@@ -38,9 +38,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.registry import Collector
 
 from app.errors import NotReady, retry_after
-
-if TYPE_CHECKING:
-    from app.registry import ModelRegistry
+from app.registry import ModelRegistry
 
 logger = logging.getLogger("medserve.metrics")
 

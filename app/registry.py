@@ -59,7 +59,7 @@ class ModelHandle:
     path: Path
     status: Status = "loading"
     error: str | None = None
-    runner: Runner[Any, Any] | None = None
+    runner: Runner[Any] | None = None
     batcher: Batcher[Any, Any] | None = None
     load_seconds: float | None = None
     batch_rates: dict[int, float] | None = None
@@ -193,7 +193,7 @@ class ModelRegistry:
             )
         handle.load_seconds = round(time.perf_counter() - started, 3)
 
-    async def _warm_up(self, runner: Runner[Any, Any], batcher: Batcher[Any, Any]) -> dict[int, float] | None:
+    async def _warm_up(self, runner: Runner[Any], batcher: Batcher[Any, Any]) -> dict[int, float] | None:
         """Runs warm-up batches in the model's thread; with ``batch_autotune``, also picks the batch size.
 
         Without tuning: one batch of 1 and one of ``MAX_BATCH_SIZE`` (the shapes seen most). With tuning:

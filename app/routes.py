@@ -1,8 +1,12 @@
 """HTTP endpoints. They read requests, pick the model and hand work to the runner and batcher; no torch here.
 
-Per request: resolve the model -> take a place in its batcher (503 at once when full) -> read the upload ->
-decode + preprocess in the thread pool -> submit to the batcher and wait (dropped if the client goes away)
--> encode the result in the thread pool -> respond.
+Per image request: resolve the model -> take a place in its batcher (503 at once when full) -> read the upload(s)
+-> decode + preprocess in the thread pool (keeping what the output format needs) -> refuse inputs the format
+cannot render -> submit to the batcher and wait (dropped if the client goes away) -> encode the answer in the
+output format, in the thread pool -> respond.
+
+The image endpoints are built per app by ``image_router`` from the output-format registry (``app.outputs``):
+the ``format`` values they accept, how OpenAPI describes them and what decoding keeps all come from it.
 """
 
 from __future__ import annotations
@@ -10,53 +14,46 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
-from typing import Annotated, Any, Literal, TypeVar, cast
+from typing import Annotated, Any, TypeVar, cast
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
+from app.contract import ImageUpload, ModelInput, OutputFormat, Prediction, ResponseOptions, Runner
 from app.errors import (
     PROBLEM_BASE,
     PROBLEM_TYPES,
     ClientDisconnected,
     NotFound,
     NotReady,
-    UnprocessableImage,
-    UnsupportedMediaType,
     from_image_error,
     retry_after,
 )
+from app.outputs import check_input, output_formats, spoken_list
 from app.registry import ModelHandle, ModelRegistry
-from app.runners import (
-    ClassificationInput,
-    ClassificationRunner,
-    ImageUpload,
-    SegmentationInput,
-    SegmentationRunner,
-)
+from app.runners import ClassificationRunner, SegmentationRunner
 from app.schemas import (
     ClassifyResponse,
     Health,
     ModelsResponse,
     ProblemType,
-    SegmentSummary,
     image_request_body,
     problem_responses,
 )
 from app.settings import Settings
 from app.uploads import read_uploads
-from models.dicom_seg import SEG_MEDIA_TYPE, DicomSegError
 from models.imageio import ImageError
 
 T = TypeVar("T")
 
 router = APIRouter()
 
-# Largest number of probabilities (images x classes) a /classify answer serialises on the event loop.
+# Largest number of values (images x classes) a cheap format's answer is encoded from on the event loop.
 INLINE_ENCODE_MAX_VALUES = 256
+BINARY_CONTENT: dict[str, Any] = {"schema": {"type": "string", "format": "binary"}}
 
 
 def _state(request: Request, name: str) -> Any:
@@ -91,7 +88,6 @@ ModelQuery = Annotated[
         examples=["unet"],
     ),
 ]
-SegmentFormat = Literal["png", "overlay", "json", "dicom-seg"]
 
 
 async def in_pool(pool: Executor, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -113,37 +109,245 @@ async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        if not work.done():
+        # Not ``work.cancelled()`` afterwards: a cancelled gather(return_exceptions=True) ends with an exception.
+        dropped = not work.done()
+        if dropped:
             work.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await work
-    if work.cancelled():
+    if dropped:
         raise ClientDisconnected("the client closed the connection; the request was dropped")
     return work.result()
 
 
-def _model_headers(handle: ModelHandle) -> dict[str, str]:
-    runner = handle.runner
-    assert runner is not None
+def first_failure_raised(results: Sequence[T | BaseException]) -> list[T]:
+    """The results of a ``gather(..., return_exceptions=True)``; the first exception, in order, is raised."""
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return cast(list[T], list(results))
+
+
+def _model_headers(handle: ModelHandle, runner: Runner[Any]) -> dict[str, str]:
     return {"X-Model-Name": handle.name, "X-Model-Version": runner.version}
 
 
-def _image_responses(ok: dict[str, Any]) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI responses of an image endpoint: ``ok`` (what a 200 carries) with the headers naming the model,
-    and the problems any image request can meet."""
-    return {
-        200: {
-            **ok,
-            "headers": {
-                "X-Model-Name": {"description": "model that answered", "schema": {"type": "string"}},
-                "X-Model-Version": {
-                    "description": "its version (content hash)",
-                    "schema": {"type": "string"},
-                },
-            },
+async def _decode(
+    pool: Executor,
+    runner: Runner[Any],
+    upload: ImageUpload,
+    output_format: OutputFormat[Any],
+    max_pixels: int,
+    position: int | None,
+) -> ModelInput:
+    """Decodes one upload keeping what ``output_format`` needs; when ``position`` is given (one of several
+    files), a failure names the file (position and name) in the problem detail."""
+    try:
+        return await in_pool(
+            pool,
+            runner.decode,
+            upload,
+            max_pixels=max_pixels,
+            keep_pixels=output_format.needs_pixels,
+            keep_source=output_format.needs_source,
+        )
+    except ImageError as exc:
+        if position is None:
+            raise
+        name = f" ({upload.filename})" if upload.filename else ""
+        raise from_image_error(exc, prefix=f"file {position}{name}: ") from exc
+
+
+async def answer_images(
+    request: Request,
+    registry: ModelRegistry,
+    settings: Settings,
+    pool: Executor,
+    *,
+    task: str,
+    model: str | None,
+    output_format: OutputFormat[Any],
+    options: ResponseOptions,
+    multiple: bool,
+) -> Response:
+    """The whole request of an image endpoint of ``task``: one image, or up to ``MAX_FILES`` when ``multiple``.
+
+    If any image cannot be read, the whole request fails with that image's problem (the first in upload order).
+    """
+    handle = registry.resolve(task, model)
+    runner, batcher = handle.runner, handle.batcher
+    assert runner is not None and batcher is not None
+    with contextlib.ExitStack() as places:
+        # One place per image: the first before the body is read, the others once their number is known.
+        reservations = [places.enter_context(batcher.reserve())]
+        uploads = await read_uploads(request, max_files=settings.max_files if multiple else 1)
+        reservations += [places.enter_context(batcher.reserve()) for _ in uploads[1:]]
+        decoded = await asyncio.gather(
+            *(
+                _decode(
+                    pool, runner, upload, output_format, settings.max_pixels, index + 1 if multiple else None
+                )
+                for index, upload in enumerate(uploads)
+            ),
+            return_exceptions=True,
+        )
+        items = first_failure_raised(decoded)
+        for item in items:
+            check_input(output_format, item)  # before the model spends time on it
+        submitted = asyncio.gather(
+            *(reservation.submit(item) for reservation, item in zip(reservations, items, strict=True)),
+            return_exceptions=True,
+        )
+        outputs = first_failure_raised(await until_disconnected(request, submitted))
+    predictions = [Prediction(item, output) for item, output in zip(items, outputs, strict=True)]
+    # A few numbers encode in microseconds, less than a thread round trip; the rest goes to the pool.
+    if output_format.cheap and len(predictions) * len(runner.classes) <= INLINE_ENCODE_MAX_VALUES:
+        encoded = runner.encode(predictions, output_format, options)
+    else:
+        encoded = await in_pool(pool, runner.encode, predictions, output_format, options)
+    return Response(encoded.body, media_type=encoded.media_type, headers=_model_headers(handle, runner))
+
+
+# -- building the image endpoints from the output-format registry ---------------------------------------
+
+
+def format_parameter(
+    formats: dict[str, OutputFormat[Any]], default: str
+) -> Callable[..., Awaitable[OutputFormat[Any]]]:
+    """A dependency giving the request's output format: the ``format`` query parameter (one of ``formats``,
+    refused like a ``Literal``: the same 422) or, when the task has one format only, that one, with no parameter.
+    """
+    if len(formats) == 1:
+        (only,) = formats.values()
+
+        async def the_only_format() -> OutputFormat[Any]:
+            return only
+
+        return the_only_format
+    names = list(formats)
+    expected = spoken_list([repr(name) for name in names])
+    described = Query(
+        default,
+        alias="format",
+        description=f"{spoken_list(names)} (see the operation's description)",
+        json_schema_extra={"enum": names},
+    )
+
+    # The Query is a default (not in Annotated): this module's annotations are strings, which FastAPI resolves
+    # in the module's namespace, and the names are known only here.
+    async def chosen_format(fmt: str = described) -> OutputFormat[Any]:
+        output_format = formats.get(fmt)
+        if output_format is None:  # the error a Literal parameter gives
+            error = {
+                "type": "literal_error",
+                "loc": ("query", "format"),
+                "msg": f"Input should be {expected}",
+            }
+            raise RequestValidationError([{**error, "input": fmt, "ctx": {"expected": expected}}])
+        return output_format
+
+    return chosen_format
+
+
+def describe_formats(formats: dict[str, OutputFormat[Any]], default: str) -> str:
+    """The Markdown list of the formats for an endpoint's description ("" when there is no choice)."""
+    if len(formats) < 2:
+        return ""
+    lines = []
+    for name, output_format in formats.items():
+        notes = " (default)" if name == default else ""
+        if output_format.needs_source:
+            notes += " (DICOM input only; other input: 415)"
+        lines.append(f"* `format={name}`{notes}: {output_format.description}")
+    return "\n".join(lines) + "\n\n"
+
+
+def ok_response(formats: dict[str, OutputFormat[Any]]) -> dict[str, Any]:
+    """The OpenAPI 200 response of an image endpoint: each format's media type and the model headers."""
+    content: dict[str, Any] = {}
+    for output_format in formats.values():
+        content.setdefault(output_format.media_type, output_format.openapi or BINARY_CONTENT)
+    response: dict[str, Any] = {
+        "content": content,
+        "headers": {
+            "X-Model-Name": {"description": "model that answered", "schema": {"type": "string"}},
+            "X-Model-Version": {"description": "its version (content hash)", "schema": {"type": "string"}},
         },
-        **problem_responses(400, 404, 413, 415, 422, 500, 503, 504),
     }
+    if len(formats) > 1:
+        response["description"] = "by format: " + spoken_list(
+            [f"{name} ({f.media_type})" for name, f in formats.items()]
+        )
+    return response
+
+
+def add_image_route(
+    router: APIRouter,
+    path: str,
+    *,
+    name: str,
+    task: str,
+    summary: str,
+    description: str,
+    default_format: str,
+    multiple: bool,
+    options: Callable[..., Awaitable[ResponseOptions]],
+    **route_options: Any,
+) -> None:
+    """Adds ``POST path`` answering images of ``task`` in any of the task's registered output formats.
+
+    ``description`` is the operation's description; ``{formats}`` in it becomes the list of formats.
+    ``options`` is a dependency giving the request's ``ResponseOptions`` (its query parameters).
+    """
+    formats = output_formats(task)
+    if default_format not in formats:
+        raise ValueError(f"{task} has no output format {default_format!r}")
+    # Defaults, not Annotated aliases: these annotations are strings, resolved in the module's namespace.
+    choose_format = Depends(format_parameter(formats, default_format))
+    read_options = Depends(options)
+
+    async def endpoint(
+        request: Request,
+        registry: RegistryDep,
+        settings: SettingsDep,
+        pool: PoolDep,
+        output_format: OutputFormat[Any] = choose_format,
+        response_options: ResponseOptions = read_options,
+        model: ModelQuery = None,
+    ) -> Response:
+        return await answer_images(
+            request,
+            registry,
+            settings,
+            pool,
+            task=task,
+            model=model,
+            output_format=output_format,
+            options=response_options,
+            multiple=multiple,
+        )
+
+    router.add_api_route(
+        path,
+        endpoint,
+        methods=["POST"],
+        name=name,
+        summary=summary,
+        description=description.format(formats=describe_formats(formats, default_format)),
+        responses={200: ok_response(formats), **problem_responses(400, 404, 413, 415, 422, 500, 503, 504)},
+        openapi_extra=image_request_body(multiple=multiple),
+        **route_options,
+    )
+
+
+async def no_options() -> ResponseOptions:
+    return ResponseOptions()
+
+
+async def classify_options(
+    top_k: Annotated[int | None, Query(ge=1, description="list only the K most probable classes")] = None,
+) -> ResponseOptions:
+    return ResponseOptions(top_k=top_k)
 
 
 SEGMENT_DESCRIPTION = """Segments one image and returns the mask at the image's original size.
@@ -151,111 +355,8 @@ SEGMENT_DESCRIPTION = """Segments one image and returns the mask at the image's 
 Send the image as multipart field `file` (`curl -F file=@scan.png`) or as the raw body with its content type
 (`curl --data-binary @scan.png -H 'Content-Type: image/png'`). PNG, JPEG, TIFF, BMP and DICOM are read.
 
-* `format=png` (default): single-channel 8-bit PNG: 0/255 for a binary model, the class index otherwise.
-* `format=overlay`: RGB PNG of the image with the mask drawn over it in colour.
-* `format=json`: per-class area, bounding box and connected components; for DICOM input also `dicom`, the
-  request's Study/Series/SOP Instance UIDs (never patient data).
-* `format=dicom-seg` (DICOM input only; other input: 415): a DICOM Segmentation object (`application/dicom`)
-  in the source's study, referencing the source series and instance, one segment per foreground class named
-  after it.
-
-Headers `X-Model-Name` and `X-Model-Version` name the model that answered.
+{formats}Headers `X-Model-Name` and `X-Model-Version` name the model that answered.
 """
-
-
-@router.post(
-    "/segment",
-    summary="Segment an image",
-    description=SEGMENT_DESCRIPTION,
-    response_class=Response,
-    responses=_image_responses(
-        {
-            "description": "the mask (PNG), the overlay (PNG), the summary (JSON) or a DICOM SEG",
-            "content": {
-                "image/png": {"schema": {"type": "string", "format": "binary"}},
-                SEG_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
-                "application/json": {
-                    "schema": SegmentSummary.model_json_schema(),
-                    "example": {
-                        "model": "unet",
-                        "version": "3f2a9c0d1e4b5a67",
-                        "width": 512,
-                        "height": 480,
-                        "classes": [
-                            {
-                                "index": 0,
-                                "name": "background",
-                                "pixels": 239104,
-                                "fraction": 0.973,
-                                "bbox": {"x": 0, "y": 0, "width": 512, "height": 480},
-                                "components": 1,
-                            },
-                            {
-                                "index": 1,
-                                "name": "lesion",
-                                "pixels": 6656,
-                                "fraction": 0.027,
-                                "bbox": {"x": 200, "y": 180, "width": 90, "height": 84},
-                                "components": 1,
-                            },
-                        ],
-                    },
-                },
-            },
-        }
-    ),
-    openapi_extra=image_request_body(multiple=False),
-)
-async def segment(
-    request: Request,
-    registry: RegistryDep,
-    settings: SettingsDep,
-    pool: PoolDep,
-    model: ModelQuery = None,
-    fmt: Annotated[
-        SegmentFormat,
-        Query(
-            alias="format",
-            description="png (mask), overlay (RGB PNG), json (summary) or dicom-seg (DICOM SEG; DICOM input)",
-        ),
-    ] = "png",
-) -> Response:
-    handle = registry.resolve("segmentation", model)
-    runner = cast(SegmentationRunner, handle.runner)
-    assert handle.batcher is not None
-    with handle.batcher.reserve() as reservation:
-        uploads = await read_uploads(request, max_files=1)
-        item = await in_pool(
-            pool,
-            runner.decode,
-            uploads[0],
-            max_pixels=settings.max_pixels,
-            keep_pixels=fmt == "overlay",
-            keep_source=fmt == "dicom-seg",
-        )
-        if fmt == "dicom-seg":
-            _check_seg_source(runner, item)
-        probs = await until_disconnected(request, reservation.submit(item))
-    try:
-        encoded = await in_pool(pool, runner.encode, item, probs, fmt)
-    except DicomSegError as exc:
-        raise UnprocessableImage(str(exc)) from exc
-    return Response(encoded.body, media_type=encoded.media_type, headers=_model_headers(handle))
-
-
-def _check_seg_source(runner: SegmentationRunner, item: SegmentationInput) -> None:
-    """Refuses ``format=dicom-seg`` before the model runs: non-DICOM input 415, unusable DICOM 422."""
-    if item.source is None:
-        raise UnsupportedMediaType(
-            "format=dicom-seg writes a DICOM Segmentation, which must reference a DICOM source image; "
-            f"this request sent a {item.source_format or 'non-DICOM'} image. Send DICOM "
-            "(application/dicom or a .dcm file) or use format=png, overlay or json"
-        )
-    try:
-        runner.check_seg_source(item)
-    except DicomSegError as exc:
-        raise UnprocessableImage(str(exc)) from exc
-
 
 CLASSIFY_DESCRIPTION = """Classifies one or more images.
 
@@ -265,98 +366,38 @@ the most probable label and the class probabilities (softmax of the calibrated l
 `top_k` lists only the best K), and for DICOM input `dicom`: its Study/Series/SOP Instance UIDs (never patient
 data). If any image cannot be read, the whole request fails with the status of that
 image's problem (400 for an unreadable file) and the detail names the file; no other request is affected.
-"""
+
+{formats}"""
 
 
-@router.post(
-    "/classify",
-    summary="Classify images",
-    description=CLASSIFY_DESCRIPTION,
-    response_model=ClassifyResponse,
-    responses=_image_responses(
-        {
-            "content": {
-                "application/json": {
-                    "example": {
-                        "model": "classifier",
-                        "version": "9d1e0f2a3b4c5d6e",
-                        "predictions": [
-                            {
-                                "filename": "lesion-17.png",
-                                "label": "malignant",
-                                "probabilities": {"malignant": 0.91, "benign": 0.09},
-                            }
-                        ],
-                    }
-                }
-            },
-        }
-    ),
-    openapi_extra=image_request_body(multiple=True),
-)
-async def classify(
-    request: Request,
-    registry: RegistryDep,
-    settings: SettingsDep,
-    pool: PoolDep,
-    model: ModelQuery = None,
-    top_k: Annotated[int | None, Query(ge=1, description="list only the K most probable classes")] = None,
-) -> Response:
-    handle = registry.resolve("classification", model)
-    runner = cast(ClassificationRunner, handle.runner)
-    batcher = handle.batcher
-    assert batcher is not None
-    with contextlib.ExitStack() as places:
-        # One place per image: the first before the body is read, the others once their number is known.
-        reservations = [places.enter_context(batcher.reserve())]
-        uploads = await read_uploads(request, max_files=settings.max_files)
-        reservations += [places.enter_context(batcher.reserve()) for _ in uploads[1:]]
-        items = await asyncio.gather(
-            *(
-                _decode_named(pool, runner, upload, index, settings.max_pixels)
-                for index, upload in enumerate(uploads)
-            ),
-            return_exceptions=True,
-        )
-        for item in items:
-            if isinstance(item, BaseException):
-                raise item  # the first bad file, in upload order
-        identifiers = [cast(ClassificationInput, item).dicom_uids for item in items]
-        submitted = asyncio.gather(
-            *(reservation.submit(item) for reservation, item in zip(reservations, items, strict=True)),
-            return_exceptions=True,
-        )
-        outputs = await until_disconnected(request, submitted)
-    for output in outputs:
-        if isinstance(output, BaseException):
-            raise output  # e.g. a timeout: the first in upload order
-    results: list[Any] = list(outputs)
-
-    def encode() -> bytes:
-        predictions = [
-            runner.encode(probs, upload.filename, top_k, dicom)
-            for probs, upload, dicom in zip(results, uploads, identifiers, strict=True)
-        ]
-        return json.dumps(
-            {"model": handle.name, "version": runner.version, "predictions": predictions}
-        ).encode()
-
-    # Returned as is (the response model documents it; no second validation). A few probabilities serialise in
-    # microseconds, less than a thread round trip; long class lists go to the pool, off the event loop.
-    small = len(results) * len(runner.classes) <= INLINE_ENCODE_MAX_VALUES
-    body = encode() if small else await in_pool(pool, encode)
-    return Response(body, media_type="application/json", headers=_model_headers(handle))
-
-
-async def _decode_named(
-    pool: Executor, runner: ClassificationRunner, upload: ImageUpload, index: int, max_pixels: int
-) -> Any:
-    """Decodes one of several files; a failure names the file (position and name) in the problem detail."""
-    try:
-        return await in_pool(pool, runner.decode, upload, max_pixels=max_pixels)
-    except ImageError as exc:
-        name = f" ({upload.filename})" if upload.filename else ""
-        raise from_image_error(exc, prefix=f"file {index + 1}{name}: ") from exc
+def image_router() -> APIRouter:
+    """``POST /segment`` and ``POST /classify`` with the output formats registered now (see ``app.outputs``)."""
+    images = APIRouter()
+    add_image_route(
+        images,
+        "/segment",
+        name="segment",
+        task=SegmentationRunner.task,
+        summary="Segment an image",
+        description=SEGMENT_DESCRIPTION,
+        default_format="png",
+        multiple=False,
+        options=no_options,
+        response_class=Response,
+    )
+    add_image_route(
+        images,
+        "/classify",
+        name="classify",
+        task=ClassificationRunner.task,
+        summary="Classify images",
+        description=CLASSIFY_DESCRIPTION,
+        default_format="json",
+        multiple=True,
+        options=classify_options,
+        response_model=ClassifyResponse,
+    )
+    return images
 
 
 @router.get("/models", summary="Served models", response_model=ModelsResponse)

@@ -14,8 +14,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.contract import ImageUpload
 from app.errors import BadRequest, MissingFile, PayloadTooLarge, UnsupportedMediaType, problem_response
-from app.runners import ImageUpload
 
 FILE_FIELD = "file"
 # Raw-body content types; octet-stream is sniffed by the decoder like a multipart part.

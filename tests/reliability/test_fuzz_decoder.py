@@ -18,7 +18,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.runners import ImageUpload, SegmentationInput, SegmentationRunner, load_runner
+from app.contract import ImageUpload, ModelInput
+from app.runners import SegmentationRunner, load_runner
 from models.imageio import DecodedImage, ImageError, ImageTooLargeError, read_image
 from tests.app.helpers import save_pixel_model
 from tests.reliability.corpus import any_bytes, lying_files, valid_files, zero_size_files
@@ -64,7 +65,7 @@ def test_any_bytes_decode_to_a_model_input_or_an_image_error(
         item = _pool.submit(runner.decode, upload, max_pixels=MAX_PIXELS).result(HANG_S)
     except ImageError:
         return
-    assert isinstance(item, SegmentationInput)
+    assert isinstance(item, ModelInput)
     assert 0 < item.height * item.width <= MAX_PIXELS
     assert item.image.shape[0] == 1 and bool(torch.isfinite(item.image).all())
 

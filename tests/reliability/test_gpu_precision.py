@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.runners import ImageUpload, Runner, load_runner
+from app.contract import ImageUpload, Runner
+from app.runners import load_runner
 from models.checkpoint import Architecture, CheckpointMetadata, save_checkpoint
 from models.inference import Precision
 from models.preprocessing import Preprocessing
@@ -69,7 +70,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"unet": folder / "unet.pt", "resnet": folder / "resnet.pt"}
 
 
-def probabilities_of(runner: Runner[Any, Any]) -> list[np.ndarray]:
+def probabilities_of(runner: Runner[Any]) -> list[np.ndarray]:
     uploads = [ImageUpload(encode_image(random_image(96, 80, seed=s)), "image/png") for s in range(6)]
     inputs = [runner.decode(u, max_pixels=None) for u in uploads]
     return [np.asarray(torch.as_tensor(p).float().cpu()) for p in runner.run_batch(inputs)]

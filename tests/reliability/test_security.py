@@ -6,9 +6,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
+from fastapi import APIRouter, FastAPI
 
+from app.auth import AccessPolicy, ApiKeys, include_routes
+from app.errors import install_error_handlers
 from tests.app.helpers import (
     PNG,
     assert_problem,
@@ -182,3 +186,60 @@ def test_key_comparison_checks_every_key() -> None:
     assert not keys.check(None) and not keys.check("") and not keys.check(KEY[:-1])
     assert not keys.check(KEY + KEY) and not keys.check("\udcff" * 20)
     assert KEY not in repr(keys)
+
+
+async def test_the_documented_security_is_what_is_enforced(model_dir: Path) -> None:
+    """The schemes come from FastAPI's security dependencies; every operation documented as needing a key
+    refuses a request without one, and every other one answers it, under both access policies."""
+    for overrides in ({}, {"metrics_auth": False, "docs_auth": True}):
+        async with serve(settings(model_dir, api_keys=KEY, **overrides)) as (_, client):
+            schema = (await client.get("/openapi.json", headers={"X-API-Key": KEY})).json()
+            schemes = schema["components"]["securitySchemes"]
+            assert schemes["ApiKeyHeader"] == {
+                "type": "apiKey",
+                "in": "header",
+                "name": "X-API-Key",
+                "description": schemes["ApiKeyHeader"]["description"],
+            }
+            assert schemes["BearerToken"]["type"] == "http" and schemes["BearerToken"]["scheme"] == "bearer"
+            protected = set()
+            for path, operations in schema["paths"].items():
+                for method, operation in operations.items():
+                    url = path.replace("{slug}", "timeout")
+                    response = await client.request(method, url, content=b"", headers=PNG)
+                    if "security" in operation:
+                        assert operation["security"] == [{"ApiKeyHeader": []}, {"BearerToken": []}]
+                        assert "WWW-Authenticate" in operation["responses"]["401"]["headers"]
+                        assert_problem(response, 401, "unauthorized")
+                        protected.add(path)
+                    else:
+                        assert "401" not in operation["responses"] and response.status_code != 401, path
+        expected = {"/segment", "/classify", "/models"}
+        if overrides:
+            expected.add("/problems/{slug}")
+        else:
+            expected.add("/metrics")
+        assert protected == expected
+
+
+async def test_a_protected_operation_refuses_without_the_middleware_too() -> None:
+    """``require_api_key`` checks the key itself: an app assembled without ``ApiKeyAuth`` stays closed."""
+    router = APIRouter()
+
+    @router.get("/models")
+    async def models() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app = FastAPI()
+    install_error_handlers(app)
+    include_routes(app, router, AccessPolicy())
+    app.state.api_keys = ApiKeys([KEY])
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://medserve.test") as client:
+        missing = await client.get("/models")
+        wrong = await client.get("/models", headers={"Authorization": f"Bearer {OTHER_KEY}"})
+        ok = await client.get("/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert "X-API-Key" in assert_problem(missing, 401, "unauthorized")["detail"]
+    assert missing.headers["www-authenticate"].startswith("Bearer")
+    assert_problem(wrong, 401, "unauthorized")
+    assert ok.status_code == 200 and ok.json() == {"status": "ok"}

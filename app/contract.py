@@ -1,0 +1,305 @@
+"""The per-model contract every task implements, in the manner of LitServe's ``LitAPI``.
+
+A runner serves one checkpoint; its four steps have the same signatures for every task, so the routes and the
+registry never need to know which task they hold:
+
+    * ``setup`` (classmethod): once at startup, in a worker thread: wraps a loaded checkpoint's network and
+      metadata, moved onto the device, in the runner.
+    * ``decode``: per request, in the service's decode thread pool: ``ImageUpload`` -> ``ModelInput`` (the
+      decoded image run through ``models.preprocessing.prepare``, the same path training used, plus what an
+      output format may need: the decoded pixels, the source DICOM).
+    * ``predict``: per batch, in the model's own worker thread (``app.batching``), under
+      ``torch.inference_mode()``: inputs of several requests -> one output per input.
+    * ``encode``: per request, in the decode thread pool: the request's ``Prediction`` objects -> the response
+      body, rendered by an ``OutputFormat`` (see ``app.outputs``, which holds the formats of each task).
+
+Images are read with the checkpoint's intensity policy (``Preprocessing.intensity``), so a DICOM window or a
+16-bit PNG maps to the same [0, 1] values as in training. Inputs keep only the DICOM identifiers
+``models.dicom_seg.safe_identifiers`` allows (Study/Series/SOP Instance UID) for answers to echo, never
+patient data.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, Self, TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.checkpoint import CheckpointError, CheckpointMetadata
+from models.dicom_seg import safe_identifiers
+from models.imageio import DecodedImage, DicomRef, ImageError, read_image, resolve_intensity
+from models.inference import Precision, prepare_for_device
+
+OutputT = TypeVar("OutputT")
+RunnerT = TypeVar("RunnerT", bound="Runner[Any]")
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """Where and how a runner runs its network.
+
+    Attributes:
+        device: where the model runs.
+        precision: ``fp32``, or ``fp16``/``bf16`` autocast on CUDA.
+        forward_batch_size: most images (or windows) per forward pass.
+    """
+
+    device: torch.device
+    precision: Precision
+    forward_batch_size: int
+
+
+@dataclass(frozen=True)
+class ImageUpload:
+    """One uploaded image as it arrived: bytes, declared content type and (client) file name."""
+
+    data: bytes
+    content_type: str | None = None
+    filename: str | None = None
+
+
+@dataclass
+class ModelInput:
+    """A decoded request, the same for every task.
+
+    Attributes:
+        image: normalised model input (C, H', W').
+        height / width: the input's original size.
+        filename: the upload's (client) file name, None for a raw body.
+        pixels: decoded (H, W, C) pixels in [0, 1], kept only for formats that draw on the image.
+        dicom_uids: the identifiers answers may echo (``safe_identifiers``) when the input was DICOM, else None.
+        source: the source DICOM, kept only for formats that reference it (it holds patient data: never log it).
+        source_format: the input's format (``png``, ``dicom``, ...).
+    """
+
+    image: torch.Tensor
+    height: int
+    width: int
+    filename: str | None = None
+    pixels: np.ndarray | None = None
+    dicom_uids: dict[str, str] | None = None
+    source: DicomRef | None = None
+    source_format: str = ""
+
+
+@dataclass(frozen=True)
+class Prediction(Generic[OutputT]):
+    """One image of a request: its decoded input and the model's output for it."""
+
+    input: ModelInput
+    output: OutputT
+
+
+@dataclass(frozen=True)
+class ResponseOptions:
+    """Request parameters that shape the answer rather than the inference.
+
+    Attributes:
+        top_k: list only the K most probable classes (classification); None lists all.
+    """
+
+    top_k: int | None = None
+
+
+@dataclass
+class Encoded:
+    """A response payload produced off the event loop."""
+
+    body: bytes
+    media_type: str
+
+
+@dataclass(frozen=True)
+class OutputFormat(Generic[RunnerT]):
+    """One way to answer a request of a task: what ``?format=NAME`` returns.
+
+    Attributes:
+        task: the task whose runner ``encoder`` takes (``Runner.task``).
+        name: the value of the ``format`` query parameter.
+        media_type: the response's content type.
+        encoder: (runner, the request's predictions, options) -> response body; runs in the thread pool.
+            Raises ``models.imageio.ImageError`` subclasses for an input it cannot render (mapped to 4xx).
+        description: Markdown, one sentence or two, shown in the endpoint's OpenAPI description.
+        needs_pixels: decode keeps the decoded pixels (``ModelInput.pixels``).
+        needs_source: decode keeps the source DICOM (``ModelInput.source``); other input is refused with 415
+            before inference.
+        check: refuses an input before inference (raises an ``ImageError`` subclass), e.g. a DICOM that a
+            DICOM SEG cannot reference.
+        openapi: the OpenAPI media-type object of the answer (schema, example); None: a binary string.
+        cheap: encodes in microseconds (a few numbers per image): small answers are encoded on the event loop
+            instead of paying a thread round trip.
+    """
+
+    task: str
+    name: str
+    media_type: str
+    encoder: Callable[[RunnerT, Sequence[Prediction[Any]], ResponseOptions], bytes]
+    description: str
+    needs_pixels: bool = False
+    needs_source: bool = False
+    check: Callable[[ModelInput], None] | None = None
+    openapi: dict[str, Any] | None = None
+    cheap: bool = False
+
+
+class Runner(ABC, Generic[OutputT]):
+    """Runs one model: ``setup`` (startup), ``decode`` (thread pool), ``predict`` (model thread, batched),
+    ``encode`` (thread pool). A task subclasses it, sets ``task`` and implements ``preprocess`` and
+    ``predict``.
+
+    Args:
+        name: the model's name (checkpoint file stem).
+        model: the network in eval mode on ``serving.device``.
+        metadata: the checkpoint's metadata.
+        serving: device, precision and forward batch size.
+
+    Raises:
+        CheckpointError: a checkpoint of another task, or one the runner cannot serve (``check_metadata``).
+    """
+
+    task: ClassVar[str]
+
+    def __init__(
+        self, name: str, model: nn.Module, metadata: CheckpointMetadata, serving: ServingOptions
+    ) -> None:
+        if metadata.task != self.task:
+            raise ValueError(f"{type(self).__name__} serves {self.task} models, not {metadata.task}")
+        if serving.forward_batch_size < 1:
+            raise ValueError(f"forward_batch_size must be >= 1, got {serving.forward_batch_size}")
+        self.name = name
+        self.model = model
+        self.metadata = metadata
+        self.spec = metadata.preprocessing
+        try:
+            self.intensity = resolve_intensity(self.spec.intensity)
+        except ValueError as exc:  # reading differently from training would give silently wrong answers
+            raise CheckpointError(f"{name}: {exc}; the checkpoint needs a newer MedServe") from exc
+        self.device = serving.device
+        self.precision = serving.precision
+        self.forward_batch_size = serving.forward_batch_size  # the batch-size tuning may lower it
+        self.check_metadata()
+
+    @classmethod
+    def setup(
+        cls, name: str, model: nn.Module, metadata: CheckpointMetadata, serving: ServingOptions
+    ) -> Self:
+        """Builds the runner of a loaded checkpoint: the network moves onto the device (eval mode, channels_last).
+
+        Raises:
+            CheckpointError: a checkpoint the runner cannot serve.
+        """
+        return cls(name, prepare_for_device(model, serving.device), metadata, serving)
+
+    def check_metadata(self) -> None:
+        """Task-specific checks of the checkpoint (and settings read from it), run at the end of ``__init__``.
+
+        Raises ``models.checkpoint.CheckpointError`` for a checkpoint the runner cannot serve.
+        """
+
+    @property
+    def classes(self) -> list[str]:
+        return self.metadata.classes
+
+    @property
+    def version(self) -> str:
+        return self.metadata.version
+
+    def read(self, upload: ImageUpload, *, max_pixels: int | None) -> DecodedImage:
+        """Decodes the bytes with the checkpoint's intensity policy; unexpected decoder failures on client data
+        are reported as unreadable images."""
+        try:
+            return read_image(
+                upload.data,
+                content_type=upload.content_type,
+                filename=upload.filename,
+                max_pixels=max_pixels,
+                intensity=self.intensity,
+            )
+        except ImageError:
+            raise
+        except (MemoryError, RecursionError):
+            raise
+        except Exception as exc:
+            # Bad bytes can break a decoder in ways it does not type; still the client's data, still a 400.
+            raise ImageError("the data is not a readable image") from exc
+
+    def decode(
+        self,
+        upload: ImageUpload,
+        *,
+        max_pixels: int | None,
+        keep_pixels: bool = False,
+        keep_source: bool = False,
+    ) -> ModelInput:
+        """Bytes -> model input; ``keep_pixels`` and ``keep_source`` (the DICOM) as the output format needs.
+
+        Raises:
+            models.imageio.ImageError: (or a subclass) for bad images.
+        """
+        decoded = self.read(upload, max_pixels=max_pixels)
+        return ModelInput(
+            image=self.preprocess(decoded.pixels),
+            height=decoded.height,
+            width=decoded.width,
+            filename=upload.filename,
+            pixels=decoded.pixels if keep_pixels else None,
+            dicom_uids=safe_identifiers(decoded.dicom) if decoded.dicom is not None else None,
+            source=decoded.dicom if keep_source else None,
+            source_format=decoded.format,
+        )
+
+    @abstractmethod
+    def preprocess(self, pixels: np.ndarray) -> torch.Tensor:
+        """Decoded (H, W, C) pixels in [0, 1] -> the model's normalised input (C, H', W')."""
+
+    @abstractmethod
+    def predict(self, inputs: list[ModelInput]) -> list[OutputT]:
+        """Runs the model on a batch of decoded inputs; one output per input, in order."""
+
+    def encode(
+        self,
+        predictions: Sequence[Prediction[OutputT]],
+        output_format: OutputFormat[Self],
+        options: ResponseOptions,
+    ) -> Encoded:
+        """The response to one request (all its images, in upload order) in ``output_format``.
+
+        Raises:
+            models.imageio.ImageError: (a subclass) the format cannot render this input.
+        """
+        if output_format.task != self.task:
+            raise ValueError(f"format {output_format.name!r} is for {output_format.task}, not {self.task}")
+        return Encoded(output_format.encoder(self, predictions, options), output_format.media_type)
+
+    def warmup_input(self) -> ModelInput:
+        """A neutral input of the model's training size, used to warm up the model."""
+        h, w = self.spec.img_size
+        return ModelInput(torch.zeros(self.spec.in_channels, h, w), h, w)
+
+    def run_batch(self, inputs: list[ModelInput]) -> list[OutputT]:
+        """``predict`` under ``torch.inference_mode()``: what the batcher calls in the model's thread."""
+        with torch.inference_mode():
+            return self.predict(inputs)
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /models`` shows about the model."""
+        meta = self.metadata
+        return {
+            "task": meta.task,
+            "version": meta.version,
+            "architecture": meta.architecture.name,
+            "classes": meta.classes,
+            "input_size": list(self.spec.img_size),
+            "in_channels": self.spec.in_channels,
+            "resize": self.spec.resize,
+            "intensity": self.intensity,
+            "metrics": meta.metrics,
+            "created_at": meta.created_at,
+            "device": str(self.device),
+            "precision": self.precision if self.device.type == "cuda" else "fp32",
+        }
