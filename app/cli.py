@@ -4,7 +4,7 @@ Flags override the matching ``MEDSERVE_*`` environment variables; every other se
 environment (see ``app.settings``). Invalid settings are reported in one message and exit with status 2.
 
 ``--workers N`` runs N uvicorn worker processes sharing the port; each loads its own copy of every model and
-has its own batchers (memory grows with N; see README section 'Reliability'). On SIGTERM uvicorn stops accepting
+has its own batchers (memory grows with N; see docs/reliability.md). On SIGTERM uvicorn stops accepting
 connections, lets accepted requests finish within ``MEDSERVE_SHUTDOWN_TIMEOUT_S``, then the lifespan drains the
 batchers; the exit status is 0.
 """

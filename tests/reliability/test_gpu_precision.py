@@ -1,6 +1,6 @@
 """Reduced precision and torch.compile on CUDA stay within the documented tolerance of fp32.
 
-Tolerance (README section 'Reliability'), per image, for the served probabilities of a U-Net (segmentation, 96x80
+Tolerance (docs/reliability.md), per image, for the served probabilities of a U-Net (segmentation, 96x80
 input, tiled at 64x64) and a ResNet-18 classifier (random weights, batch norm in eval mode):
 
 * fp16: max |p - p_fp32| <= 0.02, mean <= 1e-3; masks agree on >= 99.5% of pixels; same label.
