@@ -6,7 +6,7 @@ U-Nets of several widths and for ``Classifier`` backbones (224x224, three channe
 timed in alternation, step by step, so that machine drift affects them alike; the tables show the median
 seconds per image and the speed-up of channels_last over the default layout.
 
-    flock /tmp/medserve-heavy.lock python benchmarks/bench_layout.py
+    python benchmarks/bench_layout.py
     python benchmarks/bench_layout.py --device cuda --batch-sizes 8 16   # on a GPU machine
 """
 

@@ -21,7 +21,7 @@ Usage::
     python benchmarks/bench_service.py --model resnet18      # ResNet-18 classifier, 224x224 RGB JPEG
     python benchmarks/bench_service.py --concurrency 1 8 32 64 --device cuda
 
-Run it alone on the machine (``flock /tmp/medserve-heavy.lock python benchmarks/bench_service.py``).
+Run it alone on the machine (``python benchmarks/bench_service.py``): other load skews the timings.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ uses (training: contiguous; inference: channels_last as the service runs it), wi
 ``medserve train segment`` (forward, Dice + cross-entropy, backward, AdamW) and one inference forward. The
 table shows median seconds per image and how much faster ``deconv`` is.
 
-    flock /tmp/medserve-heavy.lock python benchmarks/bench_upsample.py
+    python benchmarks/bench_upsample.py
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ concurrency 1 for each, with the raw model's speed measured in between.
 LitServe is not a MedServe dependency: install it first (``pip install litserve``). Run it alone on the
 machine::
 
-    flock /tmp/medserve-heavy.lock python benchmarks/compare_litserve.py
+    python benchmarks/compare_litserve.py
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ open-loop arrivals (each request sent on schedule, whatever the service does) fo
   (504 only if a request outwaited MEDSERVE_REQUEST_TIMEOUT_S), and no 5xx other than those;
 * recovery: once the burst ends, the queue drains and sequential requests are all served (200).
 
-    flock /tmp/medserve-heavy.lock python benchmarks/overload.py
+    python benchmarks/overload.py
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ bad parameter, unknown model, too many files, wrong key). It checks:
 
 Results are printed and written as JSON under ``benchmarks/results/``; the exit code is 1 if a check fails.
 
-    flock /tmp/medserve-heavy.lock python benchmarks/soak.py                  # 3000 requests, c=32
+    python benchmarks/soak.py                  # 3000 requests, c=32
     python benchmarks/soak.py --requests 600 --concurrency 16                  # quicker
 """
 

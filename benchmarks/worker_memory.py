@@ -7,7 +7,7 @@ kernels and buffers are allocated), waits a moment, then reads from /proc the re
 proportional set (PSS: shared pages split among their sharers) of the supervisor and of each worker.
 
     medserve demo --model-dir runs/demo-models          # the demo models (once; trains for a few minutes)
-    flock /tmp/medserve-heavy.lock python benchmarks/worker_memory.py --model-dir runs/demo-models --workers 1 2
+    python benchmarks/worker_memory.py --model-dir runs/demo-models --workers 1 2
 """
 
 from __future__ import annotations
