@@ -277,8 +277,8 @@ class Runner(ABC, Generic[OutputT]):
         return Encoded(output_format.encoder(self, predictions, options), output_format.media_type)
 
     def warmup_input(self) -> ModelInput:
-        """A neutral input of the model's training size, used to warm up the model."""
-        h, w = self.spec.img_size
+        """A neutral input of the size the model sees (the working size under ``fit``), used to warm it up."""
+        h, w = self.spec.working_size or self.spec.img_size
         return ModelInput(torch.zeros(self.spec.in_channels, h, w), h, w)
 
     def run_batch(self, inputs: list[ModelInput]) -> list[OutputT]:
@@ -297,6 +297,9 @@ class Runner(ABC, Generic[OutputT]):
             "input_size": list(self.spec.img_size),
             "in_channels": self.spec.in_channels,
             "resize": self.spec.resize,
+            "working_size": list(self.spec.working_size) if self.spec.working_size else None,
+            # How training planned the working resolution (segmentation; absent from older checkpoints).
+            "plan": meta.extra.get("plan"),
             "intensity": self.intensity,
             "metrics": meta.metrics,
             "created_at": meta.created_at,

@@ -6,6 +6,10 @@ Batching policy for images of different sizes:
       overlap); windows of all requests in a batch are pooled into forward passes of up to
       ``forward_batch_size`` windows and blended back per image, so the mask has exactly the input's size.
       Images smaller than a window are padded and cropped back.
+    * ``resize="fit"`` (segmentation of large or mixed-resolution images): each image is fitted into the
+      checkpoint's working size (aspect kept, padded) by ``prepare``, then windowed like ``tile`` (a single
+      window when the working size is the training size); the scores are mapped back to the original size by
+      ``models.preprocessing.to_original_size`` before the arg-max.
     * ``resize="resize"`` (classification, and segmentation models trained that way): each image is resized to
       the model's input size, so any sizes stack into one batch; segmentation probabilities are resized back
       to the original size (bilinear) before the arg-max.
@@ -28,7 +32,7 @@ from app.contract import ImageUpload, ModelInput, Runner, RunnerT, ServingOption
 from models.checkpoint import CheckpointError, load_model
 from models.classifier import probabilities
 from models.inference import Precision, forward, merge_tiles, split_tiles
-from models.preprocessing import prepare
+from models.preprocessing import prepare, to_original_size
 
 __all__ = [
     "RUNNERS",
@@ -63,7 +67,7 @@ class SegmentationRunner(Runner[torch.Tensor]):
     def predict(self, inputs: list[ModelInput]) -> list[torch.Tensor]:
         """Per image, class scores (K, H, W) whose arg-max is the mask (see ``_predict_tiled``)."""
         images = [item.image for item in inputs]
-        if self.spec.resize == "tile":
+        if self.spec.resize in ("tile", "fit"):
             return self._predict_tiled(images)
         outputs: list[torch.Tensor] = []
         for start in range(0, len(images), self.forward_batch_size):
@@ -108,9 +112,7 @@ class SegmentationRunner(Runner[torch.Tensor]):
 
     def mask(self, item: ModelInput, scores: torch.Tensor) -> np.ndarray:
         """Class index per pixel (H, W) at the input's original size, from scores (K, H', W')."""
-        if tuple(scores.shape[-2:]) != (item.height, item.width):
-            scores = F.interpolate(scores[None], size=(item.height, item.width), mode="bilinear")[0]
-        return argmax_classes(scores.numpy())
+        return argmax_classes(to_original_size(scores, item.height, item.width, self.spec).numpy())
 
 
 def argmax_classes(scores: np.ndarray) -> np.ndarray:

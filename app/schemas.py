@@ -71,7 +71,17 @@ class ModelInfo(BaseModel):
     classes: list[str] | None = None
     input_size: list[int] | None = Field(default=None, description="(height, width) the model was trained on")
     in_channels: int | None = None
-    resize: str | None = Field(default=None, description="tile (native scale, sliding window) or resize")
+    resize: str | None = Field(
+        default=None,
+        description="tile (native scale, sliding window), fit (fitted into working_size, aspect kept) or resize",
+    )
+    working_size: list[int] | None = Field(
+        default=None, description="(height, width) every image is fitted into when resize is fit"
+    )
+    plan: dict[str, Any] | None = Field(
+        default=None,
+        description="how training chose the working resolution from the data set's fingerprint (segmentation)",
+    )
     intensity: str | None = Field(
         default=None, description="intensity policy images are read with (dicom-window or ignore-window)"
     )

@@ -133,9 +133,14 @@ def save_pixel_model(
     biases: Sequence[float] | None = None,
     tile: tuple[int, int] = (16, 16),
     architecture: str = "test-pixel",
+    working_size: tuple[int, int] | None = None,
+    extra: dict[str, Any] | None = None,
     **args: Any,
 ) -> CheckpointMetadata:
-    """Saves a ``PixelNet`` segmentation checkpoint (1 channel, mean 0.5, std 0.25, tiles of ``tile``)."""
+    """Saves a ``PixelNet`` segmentation checkpoint (1 channel, mean 0.5, std 0.25, tiles of ``tile``).
+
+    ``working_size``: the checkpoint fits every image into it (``resize="fit"``) instead of native tiling.
+    """
     if architecture == "test-sleepy":
         arch_args = dict(args)
         model: nn.Module = SleepyNet(**arch_args)
@@ -146,8 +151,16 @@ def save_pixel_model(
         task="segmentation",
         architecture=Architecture(name=architecture, args=arch_args),
         classes=list(classes),
-        preprocessing=Preprocessing(in_channels=1, img_size=tile, mean=[0.5], std=[0.25]),
+        preprocessing=Preprocessing(
+            in_channels=1,
+            img_size=tile,
+            mean=[0.5],
+            std=[0.25],
+            resize="fit" if working_size else "tile",
+            working_size=working_size,
+        ),
         metrics={"dice": 0.9},
+        extra=extra or {},
     )
     return save_checkpoint(path, model, meta)
 

@@ -218,3 +218,31 @@ async def test_dicom_json_summary_echoes_the_uids(pixel_dir: Path) -> None:
     summary = json.loads(response.content)
     assert (summary["width"], summary["height"]) == (6, 8)
     assert summary["dicom"]["SOPInstanceUID"] == str(ds.SOPInstanceUID)
+
+
+def _halves(height: int, width: int) -> np.ndarray:
+    """Bright (200) left half, dark (40) right half: a mask that survives down- and up-sampling."""
+    image = np.full((height, width), 40, np.uint8)
+    image[:, : width // 2] = 200
+    return image
+
+
+@pytest.mark.parametrize("tile", [(32, 32), (16, 16)])  # one window at the working size, or several
+async def test_a_fit_model_answers_at_the_original_size_of_any_image(tmp_path: Path, tile) -> None:
+    plan = {"scale": "fit", "working_size": [32, 32], "reasons": ["large images"]}
+    save_pixel_model(tmp_path / "fit.pt", tile=tile, working_size=(32, 32), extra={"plan": plan})
+    async with serve(settings(tmp_path)) as (_, client):
+        described = (await client.get("/models")).json()["models"][0]
+        assert described["resize"] == "fit" and described["working_size"] == [32, 32]
+        assert described["plan"] == plan
+        for height, width in [(300, 130), (64, 400), (20, 20)]:
+            image = _halves(height, width)
+            response = await client.post("/segment", content=encode_image(image), headers=PNG)
+            assert response.status_code == 200, response.text
+            mask = decode_png(response.content)
+            assert mask.shape == (height, width)
+            expected = expected_binary_mask(image)
+            # Away from the edge between the halves (blurred by the resampling) the mask is exact.
+            margin = max(2, width // 16)
+            keep = np.abs(np.arange(width) - width // 2) > margin
+            np.testing.assert_array_equal(mask[:, keep], expected[:, keep])
