@@ -3,11 +3,13 @@
 Every image of ``DIR/images`` (with ``DIR/masks``) is predicted at full resolution by sliding-window inference
 (``models.inference.segment_probabilities``; windows of the training crop size, overlapping and blended), with
 test-time augmentation over the flips the model was trained with unless ``--no-tta``. The baselines of
-``training.segmentation.baselines`` run on the same images.
+``training.segmentation.baselines`` chosen by ``--baselines`` (default all) run on the same images.
 
-Writes ``OUTDIR/report.json`` (``n_images``; ``methods`` -> ``unet``/``otsu``/``kmeans``/``region_growing`` ->
-``dice``, ``iou``, ``hd95``, ``per_class_dice``), ``OUTDIR/report.md``, ``OUTDIR/per_image.csv`` and contour
-overlays of the best and worst U-Net cases in ``OUTDIR/overlays/``.
+Writes ``OUTDIR/report.json`` (``n_images``; ``methods`` -> ``unet`` and each baseline (``otsu``, ``kmeans``,
+``region_growing``, ...) -> ``dice``, ``iou``, ``hd95``, ``per_class_dice``, ``seconds_per_image``, ``rank``
+(1 = highest Dice) and, for the baselines, ``beaten_by_unet``), ``OUTDIR/report.md`` (with the ranking and a
+pairwise table of per-image wins), ``OUTDIR/per_image.csv`` and contour overlays of the best and worst U-Net
+cases in ``OUTDIR/overlays/``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from training.segmentation.overlays import save_overlay
 
 log = logging.getLogger(__name__)
 
-METHOD_LABELS = {"unet": "U-Net", "otsu": "Otsu", "kmeans": "k-means", "region_growing": "region growing"}
+METHOD_LABELS = {"unet": "U-Net", **baselines.LABELS}
 CHUNK = 8  # images predicted together (bounds memory on large data sets)
 
 
@@ -48,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="average the prediction over the flips the model was trained with (default on)",
     )
+    parser.add_argument(
+        "--baselines",
+        type=baselines_option,
+        default=baselines.METHODS,
+        help=f"comma-separated baselines to compare with, or 'none' (default all: {','.join(baselines.METHODS)})",
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     parser.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass (default 8)")
     parser.add_argument(
@@ -59,6 +67,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=2,
         help="overlays written for the best and for the worst cases (default 2)",
     )
+
+
+def baselines_option(text: str) -> tuple[str, ...]:
+    """``--baselines``: comma-separated names, ``all`` or ``none``."""
+    try:
+        return baselines.parse_methods(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def targets_for(data: D.SegmentationSet, meta: CheckpointMetadata) -> list[np.ndarray]:
@@ -80,7 +96,7 @@ def targets_for(data: D.SegmentationSet, meta: CheckpointMetadata) -> list[np.nd
 def _comparison(methods: dict[str, dict[str, Any]]) -> list[str]:
     unet = methods["unet"]
     lines = []
-    for name in baselines.METHODS:
+    for name in (m for m in baselines.METHODS if m in methods):
         other = methods[name]
         diff = unet["dice"] - other["dice"]
         verb = "beats" if diff > 0 else "does not beat"
@@ -98,6 +114,33 @@ def _comparison(methods: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def rank_methods(methods: dict[str, dict[str, Any]]) -> None:
+    """Adds ``rank`` (1 = highest mean Dice) to every method and ``beaten_by_unet`` to the baselines."""
+    for rank, name in enumerate(sorted(methods, key=lambda m: -methods[m]["dice"]), 1):
+        methods[name]["rank"] = rank
+    for name, scores in methods.items():
+        if name != "unet":
+            scores["beaten_by_unet"] = methods["unet"]["dice"] > scores["dice"]
+
+
+def pairwise_wins(scores: dict[str, list[ImageScores]], names: list[str]) -> list[str]:
+    """Markdown table: in row A, column B, the number of images on which A's Dice is higher than B's."""
+    n = len(next(iter(scores.values())))
+    rows = [
+        f"| images won (of {n}) | " + " | ".join(METHOD_LABELS[b] for b in names) + " |",
+        "|" + "---|" * (1 + len(names)),
+    ]
+    for a in names:
+        cells = [
+            "-"
+            if a == b
+            else str(sum(x["dice"] > y["dice"] for x, y in zip(scores[a], scores[b], strict=True)))
+            for b in names
+        ]
+        rows.append(f"| {METHOD_LABELS[a]} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def write_markdown(
     path: Path,
     report: dict[str, Any],
@@ -105,15 +148,23 @@ def write_markdown(
     model_path: Path,
     data_dir: Path,
     settings: str,
+    scores: dict[str, list[ImageScores]],
 ) -> None:
     methods: dict[str, dict[str, Any]] = report["methods"]
     classes = list(methods["unet"]["per_class_dice"])
-    head = "| method | Dice | IoU | HD95 (px) | " + " | ".join(f"Dice `{c}`" for c in classes) + " |"
-    rows = [head, "|" + "---|" * (4 + len(classes))]
-    for name, scores in methods.items():
-        per_class = " | ".join(f"{scores['per_class_dice'][c]:.4f}" for c in classes)
+    head = (
+        "| rank | method | Dice | IoU | HD95 (px) | "
+        + " | ".join(f"Dice `{c}`" for c in classes)
+        + " | s/image |"
+    )
+    rows = [head, "|" + "---|" * (6 + len(classes))]
+    ranked = sorted(methods, key=lambda m: methods[m]["rank"])
+    for name in ranked:
+        s = methods[name]
+        per_class = " | ".join(f"{s['per_class_dice'][c]:.4f}" for c in classes)
         rows.append(
-            f"| {METHOD_LABELS[name]} | {scores['dice']:.4f} | {scores['iou']:.4f} | {scores['hd95']:.2f} | {per_class} |"
+            f"| {s['rank']} | {METHOD_LABELS[name]} | {s['dice']:.4f} | {s['iou']:.4f} | {s['hd95']:.2f} | "
+            f"{per_class} | {s['seconds_per_image']:.3f} |"
         )
     text = [
         "# Segmentation evaluation",
@@ -122,7 +173,8 @@ def write_markdown(
         f"of `{data_dir}`. {settings}",
         "",
         "Dice, IoU and HD95 are means over images of the mean over the foreground classes; HD95 is in pixels "
-        "(lower is better). Per-class Dice includes the background class.",
+        "(lower is better). Per-class Dice includes the background class. Methods are ranked by Dice; s/image "
+        "is the wall time of each method's predictions divided by the number of images.",
         "",
         *rows,
         "",
@@ -132,6 +184,12 @@ def write_markdown(
         "",
         "Baselines work on the grayscale intensity; which intensity group is which class is decided once on the "
         "evaluated data (the class ranking by mean intensity), see `training/segmentation/baselines.py`.",
+        "",
+        "## Which beat which",
+        "",
+        "Per image, by Dice:",
+        "",
+        *pairwise_wins(scores, ranked),
         "",
         "Overlays (`overlays/`): green = true contour, magenta = U-Net contour.",
         "",
@@ -158,6 +216,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     overlap = spec.tile_overlap if args.overlap is None else args.overlap
 
     unet_preds: list[np.ndarray] = []
+    unet_started = time.perf_counter()
     for i in range(0, len(data), CHUNK):
         tensors = [prepare(im, spec) for im in data.images[i : i + CHUNK]]
         unet_preds += predict_labels(
@@ -170,18 +229,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             device=device,
             batch_size=args.batch_size,
         )
+    seconds = {"unet": time.perf_counter() - unet_started}
     order = baselines.class_intensity_order(data.images, targets, k)
     preds: dict[str, list[np.ndarray]] = {"unet": unet_preds}
-    for method in baselines.METHODS:
+    for method in args.baselines:
+        method_started = time.perf_counter()
         preds[method] = [baselines.predict(method, im, order) for im in data.images]
+        seconds[method] = time.perf_counter() - method_started
+        log.info("%s: %.2f s per image", method, seconds[method] / len(data))
     scores: dict[str, list[ImageScores]] = {
         method: [score_image(p, t, k) for p, t in zip(maps, targets, strict=True)]
         for method, maps in preds.items()
     }
-    report = {
-        "n_images": len(data),
-        "methods": {method: aggregate(s, meta.classes) for method, s in scores.items()},
+    methods = {
+        method: aggregate(s, meta.classes) | {"seconds_per_image": seconds[method] / len(data)}
+        for method, s in scores.items()
     }
+    rank_methods(methods)
+    report = {"n_images": len(data), "methods": methods}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -217,7 +282,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"Prediction at full resolution with {spec.img_size[0]}x{spec.img_size[1]} tiles, overlap {overlap:.2f}, "
         f"{tta}; {time.monotonic() - started:.0f} s on {device}."
     )
-    write_markdown(out / "report.md", report, meta, Path(args.model), Path(args.data), settings)
+    write_markdown(out / "report.md", report, meta, Path(args.model), Path(args.data), settings, scores)
     return report
 
 

@@ -91,3 +91,78 @@ def test_otsu_on_isbi_membranes_matches_the_published_reference():
     ]
     assert len(data) == 30
     assert np.mean(membrane) == pytest.approx(0.57, abs=0.02)
+
+
+SPATIAL = ("agglomerative", "region_merging", "active_contour", "graph_cut")
+
+
+@pytest.mark.parametrize("method", baselines.METHODS)
+def test_baselines_are_deterministic(method):
+    image, _mask = _disk_image(seed=7)
+    first = baselines.predict(method, image, [0, 1])
+    assert np.array_equal(first, baselines.predict(method, image, [0, 1]))
+
+
+@pytest.mark.parametrize("method", SPATIAL)
+def test_large_images_are_segmented_at_the_working_size_and_labelled_at_full_size(method, monkeypatch):
+    image, mask = _disk_image(size=96)
+    seen: list[tuple[int, ...]] = []
+    superpixels = baselines.superpixels
+    monkeypatch.setattr(baselines, "MAX_WORK_PIXELS", 48 * 48)
+    monkeypatch.setattr(baselines, "otsu_groups", _recording(baselines.otsu_groups, seen))
+    monkeypatch.setattr(baselines, "superpixels", _recording(superpixels, seen))
+    pred = baselines.predict(method, image, [0, 1])
+    assert pred.shape == mask.shape
+    assert seen and all(shape == (48, 48) for shape in seen)
+    assert dice_per_class(pred, mask, 2)[1] > 0.85
+
+
+def _recording(function, shapes):
+    def wrapper(gray, *args):
+        shapes.append(gray.shape)
+        return function(gray, *args)
+
+    return wrapper
+
+
+@pytest.mark.parametrize("method", baselines.METHODS)
+def test_a_constant_image_is_one_class(method):
+    pred = baselines.predict(method, np.full((40, 40, 1), 0.5, np.float32), [0, 1])
+    assert pred.shape == (40, 40) and len(np.unique(pred)) == 1
+
+
+def test_graph_cut_smoothness_beats_pixelwise_thresholding_on_a_noisy_image():
+    rng = np.random.default_rng(0)
+    _image, mask = _disk_image()
+    image = (np.where(mask == 1, 0.75, 0.25) + rng.normal(0, 0.15, mask.shape))[:, :, None]
+    otsu = dice_per_class(baselines.predict("otsu", image, [0, 1]), mask, 2)[1]
+    cut = dice_per_class(baselines.predict("graph_cut", image, [0, 1]), mask, 2)[1]
+    assert cut > otsu + 0.1
+
+
+def test_the_adjacency_graph_is_the_one_skimage_builds():
+    from skimage import graph
+
+    image, _mask = _disk_image(seed=2, size=40)
+    gray = baselines.to_gray(image)
+    labels = baselines.superpixels(gray)
+    reference = graph.rag_mean_color(gray, labels)
+    built = baselines.rag_mean_intensity(gray, labels)
+    assert sorted(built.nodes) == sorted(reference.nodes)
+    assert {frozenset(e) for e in built.edges} == {frozenset(e) for e in reference.edges}
+    for u, v in reference.edges:
+        assert built.edges[u, v]["weight"] == pytest.approx(reference.edges[u, v]["weight"] / np.sqrt(3))
+    for n in reference.nodes:
+        assert built.nodes[n]["pixel count"] == reference.nodes[n]["pixel count"]
+        assert built.nodes[n]["mean color"][0] == pytest.approx(reference.nodes[n]["mean color"][0])
+
+
+def test_method_lists_are_parsed_in_report_order_with_all_and_none():
+    assert baselines.parse_methods("graph_cut, otsu") == ("otsu", "graph_cut")
+    assert baselines.parse_methods("all") == baselines.METHODS
+    assert baselines.parse_methods("none") == ()
+    assert set(baselines.LABELS) == set(baselines.METHODS) == set(baselines.BASELINES)
+    with pytest.raises(ValueError, match=r"unknown baseline\(s\) watershed; choose from otsu, kmeans, fcm"):
+        baselines.parse_methods("otsu,watershed")
+    with pytest.raises(ValueError, match="unknown baseline"):
+        baselines.parse_methods(" , ")

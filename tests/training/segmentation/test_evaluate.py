@@ -10,7 +10,18 @@ from tests.training.helpers import eval_argv, tiny_unet_args
 from training.cli import main as cli_main
 from training.segmentation.synthetic import generate_dental
 
-METHODS = {"unet", "otsu", "kmeans", "region_growing"}
+METHODS = {
+    "unet",
+    "otsu",
+    "kmeans",
+    "fcm",
+    "mean_shift",
+    "agglomerative",
+    "region_growing",
+    "region_merging",
+    "active_contour",
+    "graph_cut",
+}
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -42,8 +53,9 @@ def test_report_has_every_method_and_field_and_overlays(tmp_path):
     assert set(report) == {"n_images", "methods"}
     assert report["n_images"] == 4
     assert set(report["methods"]) == METHODS
-    for scores in report["methods"].values():
-        assert set(scores) == {"dice", "iou", "hd95", "per_class_dice"}
+    for name, scores in report["methods"].items():
+        ranking = {"rank"} | ({"beaten_by_unet"} if name != "unet" else set())
+        assert set(scores) == {"dice", "iou", "hd95", "per_class_dice", "seconds_per_image"} | ranking
         assert 0 <= scores["dice"] <= 1 and 0 <= scores["iou"] <= 1 and scores["hd95"] >= 0
         assert set(scores["per_class_dice"]) == {"background", "tooth"}
     # The baselines do well on the phantom; an untrained U-Net cannot, and the report says so.
@@ -53,7 +65,7 @@ def test_report_has_every_method_and_field_and_overlays(tmp_path):
         assert f"U-Net does not beat {label}" in markdown
     overlays = sorted(p.name for p in (out / "overlays").iterdir())
     assert len(overlays) == 2 and overlays[0].startswith("best_1_") and overlays[1].startswith("worst_1_")
-    assert len((out / "per_image.csv").read_text().splitlines()) == 1 + 4 * 4
+    assert len((out / "per_image.csv").read_text().splitlines()) == 1 + 4 * len(METHODS)
     # A checkpoint that does not record its training flips predates optional vertical flips: both were used.
     assert "flip TTA over horizontal and vertical flips" in markdown
 
