@@ -165,7 +165,7 @@ def test_method_lists_are_parsed_in_report_order_with_all_and_none():
     issue_22 = (
         "otsu kmeans fcm mean_shift agglomerative region_growing region_merging active_contour graph_cut"
     )
-    assert baselines.METHODS == tuple(issue_22.split())
+    assert tuple(issue_22.split()) == baselines.METHODS
     with pytest.raises(ValueError, match=r"unknown baseline\(s\) watershed; choose from otsu, kmeans, fcm"):
         baselines.parse_methods("otsu,watershed")
     with pytest.raises(ValueError, match="unknown baseline"):
