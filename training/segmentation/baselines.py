@@ -213,7 +213,12 @@ def kmeans(
 def fcm(gray: np.ndarray, order: Sequence[int], seed: int = 0, max_samples: int = MAX_SAMPLES) -> np.ndarray:
     """Fuzzy c-means (c = len(order), m = 2) on the intensities; returns int64 (H, W) labels."""
     sample = pixel_sample(gray, seed, max_samples)
-    centres, *_ = skfuzzy.cluster.cmeans(sample.T, c=len(order), m=2.0, error=1e-5, maxiter=300, seed=seed)
+    # Our own initial memberships: cmeans(seed=...) would reseed NumPy's global random state.
+    memberships = np.random.default_rng(seed).random((len(order), len(sample)))
+    memberships /= memberships.sum(axis=0)
+    centres, *_ = skfuzzy.cluster.cmeans(
+        sample.T, c=len(order), m=2.0, error=1e-5, maxiter=300, init=memberships
+    )
     return groups_to_classes(nearest_centre(gray, centres[:, 0]), order)
 
 
@@ -248,8 +253,9 @@ def at_working_size(gray: np.ndarray, segment: Callable[[np.ndarray], np.ndarray
 
 def superpixels(gray: np.ndarray) -> np.ndarray:
     """SLIC superpixels of a (H, W) image, about one per ``SUPERPIXEL_AREA`` pixels; labels 0..n-1."""
+    lo, hi = float(gray.min()), float(gray.max())
     return slic(
-        gray,
+        (gray - lo) / (hi - lo) if hi > lo else np.zeros_like(gray),  # the compactness assumes [0, 1]
         n_segments=max(1, gray.size // SUPERPIXEL_AREA),
         compactness=SUPERPIXEL_COMPACTNESS,
         channel_axis=None,
