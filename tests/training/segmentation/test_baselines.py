@@ -170,3 +170,13 @@ def test_method_lists_are_parsed_in_report_order_with_all_and_none():
         baselines.parse_methods("otsu,watershed")
     with pytest.raises(ValueError, match="unknown baseline"):
         baselines.parse_methods(" , ")
+
+
+def test_baselines_leave_numpys_global_random_state_alone():
+    image, _mask = _disk_image(seed=4)
+    np.random.seed(123)
+    expected = np.random.rand()
+    np.random.seed(123)
+    for method in baselines.METHODS:
+        baselines.predict(method, image, [0, 1])
+    assert np.random.rand() == expected
