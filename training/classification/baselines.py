@@ -186,8 +186,8 @@ def run_baselines(
     """Extracts each kind of features of the training and test images and fits the baselines on them.
 
     Returns:
-        The baselines' scores (``fit_baselines``) by ``baseline_key``
-        and, per kind, ``n_features`` and ``seconds`` (feature extraction of both image sets).
+        The baselines' scores (``fit_baselines``) by ``baseline_key``, and per kind ``n_features`` and
+        ``seconds`` (feature extraction of both image sets; ``handcrafted`` also ``image_size``).
     """
     spec = meta.preprocessing
 
