@@ -22,6 +22,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
+from app import interactive
 from app.contract import ImageUpload, ModelInput, OutputFormat, Prediction, ResponseOptions, Runner
 from app.errors import (
     PROBLEM_BASE,
@@ -41,10 +42,11 @@ from app.schemas import (
     ModelsResponse,
     ProblemType,
     image_request_body,
+    interactive_request_body,
     problem_responses,
 )
 from app.settings import Settings
-from app.uploads import read_uploads
+from app.uploads import read_uploads, read_uploads_and_fields
 from models.imageio import ImageError
 
 T = TypeVar("T")
@@ -208,6 +210,84 @@ async def answer_images(
     return Response(encoded.body, media_type=encoded.media_type, headers=_model_headers(handle, runner))
 
 
+async def answer_interactive(
+    request: Request,
+    registry: ModelRegistry,
+    settings: Settings,
+    pool: Executor,
+    *,
+    task: str,
+    model: str | None,
+    output_format: OutputFormat[Any],
+    options: ResponseOptions,
+    multiple: bool,
+) -> Response:
+    """The whole request of ``POST /segment/interactive``: one image and its hints (see ``app.interactive``).
+
+    Without ``model`` the graph cut segments from the hints alone, in the thread pool; with it the model's
+    prediction comes through its batcher as for ``/segment`` and the graph cut refines it in the thread pool.
+    """
+    if multiple:
+        raise ValueError("an interactive correction covers one image")
+    handle = registry.resolve(task, model) if model is not None else None
+    runner = handle.runner if handle is not None else None
+    if runner is not None:
+        assert isinstance(runner, SegmentationRunner)
+        class_index = interactive.foreground_class_index(runner.classes, options.foreground_class)
+    else:
+        interactive.refuse_class_without_model(options.foreground_class)
+    with contextlib.ExitStack() as places:
+        reservation = None
+        if handle is not None:
+            assert handle.batcher is not None
+            reservation = places.enter_context(handle.batcher.reserve())
+        uploads, fields = await read_uploads_and_fields(
+            request, max_files=1, fields=(interactive.HINTS_FIELD,)
+        )
+        keep_source = output_format.needs_source
+        if runner is not None:
+            item: ModelInput = await in_pool(
+                pool,
+                runner.decode,
+                uploads[0],
+                max_pixels=settings.max_pixels,
+                keep_pixels=True,
+                keep_source=keep_source,
+            )
+        else:
+            item = await in_pool(
+                pool,
+                interactive.decode_for_graph_cut,
+                uploads[0],
+                max_pixels=settings.max_pixels,
+                keep_source=keep_source,
+            )
+        hints = await in_pool(
+            pool,
+            interactive.read_hints,
+            fields.get(interactive.HINTS_FIELD),
+            item,
+            need_foreground=runner is None,
+        )
+        check_input(output_format, item)  # before the model or the cut spends time on it
+        scores = None
+        if reservation is not None:
+            scores = await until_disconnected(request, reservation.submit(item))
+    if runner is not None:
+        assert handle is not None and scores is not None
+        mask = await in_pool(pool, interactive.refine_prediction, runner, item, scores, hints, class_index)
+        answerer = interactive.MaskAnswerer(handle.name, runner.version, runner.classes)
+    else:
+        mask = await in_pool(pool, interactive.cut_from_hints, item, hints)
+        answerer = interactive.GRAPH_CUT_ANSWERER
+    body = await in_pool(pool, output_format.encoder, answerer, [Prediction(item, mask)], options)
+    headers = {"X-Model-Name": answerer.name, "X-Model-Version": answerer.version}
+    return Response(body, media_type=output_format.media_type, headers=headers)
+
+
+ImageAnswer = Callable[..., Awaitable[Response]]
+
+
 # -- building the image endpoints from the output-format registry ---------------------------------------
 
 
@@ -292,12 +372,16 @@ def add_image_route(
     default_format: str,
     multiple: bool,
     options: Callable[..., Awaitable[ResponseOptions]],
+    answer: ImageAnswer = answer_images,
+    request_body: dict[str, Any] | None = None,
     **route_options: Any,
 ) -> None:
     """Adds ``POST path`` answering images of ``task`` in any of the task's registered output formats.
 
     ``description`` is the operation's description; ``{formats}`` in it becomes the list of formats.
-    ``options`` is a dependency giving the request's ``ResponseOptions`` (its query parameters).
+    ``options`` is a dependency giving the request's ``ResponseOptions`` (its query parameters). ``answer``
+    handles the request (``answer_images``'s signature); ``request_body`` is its OpenAPI request body
+    (default: ``image_request_body``).
     """
     formats = output_formats(task)
     if default_format not in formats:
@@ -315,7 +399,7 @@ def add_image_route(
         response_options: ResponseOptions = read_options,
         model: ModelQuery = None,
     ) -> Response:
-        return await answer_images(
+        return await answer(
             request,
             registry,
             settings,
@@ -335,7 +419,7 @@ def add_image_route(
         summary=summary,
         description=description.format(formats=describe_formats(formats, default_format)),
         responses={200: ok_response(formats), **problem_responses(400, 404, 413, 415, 422, 500, 503, 504)},
-        openapi_extra=image_request_body(multiple=multiple),
+        openapi_extra=request_body or image_request_body(multiple=multiple),
         **route_options,
     )
 
@@ -348,6 +432,18 @@ async def classify_options(
     top_k: Annotated[int | None, Query(ge=1, description="list only the K most probable classes")] = None,
 ) -> ResponseOptions:
     return ResponseOptions(top_k=top_k)
+
+
+async def interactive_options(
+    foreground_class: Annotated[
+        str | None,
+        Query(
+            alias="class",
+            description="with ?model=: the class to correct (default the first class after the background)",
+        ),
+    ] = None,
+) -> ResponseOptions:
+    return ResponseOptions(foreground_class=foreground_class)
 
 
 SEGMENT_DESCRIPTION = """Segments one image and returns the mask at the image's original size.
@@ -370,8 +466,27 @@ image's problem (400 for an unreadable file) and the detail names the file; no o
 {formats}"""
 
 
+INTERACTIVE_DESCRIPTION = """Segments one image from foreground and background hints by a graph cut, or refines a U-Net's
+prediction with them (semi-automatic correction).
+
+Send multipart field `file` (the image) and field `hints`: JSON points
+(`-F 'hints={{"points": [{{"x": 120, "y": 80, "label": "foreground"}}], "radius": 5}}'`; `label` is `foreground` or
+`background`, `x` the column and `y` the row in pixels, each point a disk of `radius` pixels, later points drawn
+over earlier ones) or a scribble PNG of the image's size (`-F hints=@scribble.png`; one channel, 0 no hint,
+1 foreground, 2 background). Hint pixels keep their label in the answer.
+
+Without `model` the graph cut segments from the hints alone (at least one foreground hint; intensity models
+fitted on the hint pixels) and answers as the model `graph-cut` (classes background, foreground). With
+`model=NAME` it refines that model's probabilities of one class (`class=NAME`, default the first class after the
+background); the answer has the model's classes. Unusable hints: 422 `/problems/invalid-hints`.
+
+{formats}Headers `X-Model-Name` and `X-Model-Version` name the model that answered (`graph-cut` without one).
+"""
+
+
 def image_router() -> APIRouter:
-    """``POST /segment`` and ``POST /classify`` with the output formats registered now (see ``app.outputs``)."""
+    """``POST /segment``, ``POST /segment/interactive`` and ``POST /classify`` with the output formats registered
+    now (see ``app.outputs``)."""
     images = APIRouter()
     add_image_route(
         images,
@@ -383,6 +498,20 @@ def image_router() -> APIRouter:
         default_format="png",
         multiple=False,
         options=no_options,
+        response_class=Response,
+    )
+    add_image_route(
+        images,
+        "/segment/interactive",
+        name="segment_interactive",
+        task=SegmentationRunner.task,
+        summary="Segment or correct an image from hints",
+        description=INTERACTIVE_DESCRIPTION,
+        default_format="png",
+        multiple=False,
+        options=interactive_options,
+        answer=answer_interactive,
+        request_body=interactive_request_body(),
         response_class=Response,
     )
     add_image_route(
