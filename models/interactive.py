@@ -12,8 +12,8 @@ so the boundary prefers to run where the intensity changes. The unary term ``D_p
       foreground and the background hint pixels (with no background hint, on every pixel not marked
       foreground);
     * with a model: ``-log p`` and ``-log (1 - p)`` of the U-Net's foreground probability ``p``, first pulled
-      towards each hint's label near the hint (``GraphCutParameters.influence``), so that a click corrects
-      the region around it, not only the pixels under it.
+      towards each hint's label near the hint (``GraphCutParameters.influence``) where the pixel looks like
+      the hint's pixels, so that a click corrects the region around it, not only the pixels under it.
 
 Hint pixels are hard constraints (capacities no cut can pay), so they always keep their label. Images are cut
 in gray (luma), at their original size.
@@ -57,6 +57,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # A capacity larger than any cut through one pixel can cost (unaries <= -log(EPSILON), 4 edges <= smoothness).
 HARD = 1e9
 EPSILON = 1e-6
+UNSEEN_SHARE = 0.01  # of an intensity model's likelihood spread over all bins
+MIN_HINT_SPREAD = 0.05  # intensity spread assumed at least for the hint pixels of one label
 RIGHT = np.array([[0, 0, 0], [0, 0, 1], [0, 0, 0]])
 DOWN = np.array([[0, 0, 0], [0, 0, 0], [0, 1, 0]])
 
@@ -226,26 +228,35 @@ def intensity_costs(image: np.ndarray, hints: np.ndarray, bins: int) -> tuple[np
         counts = ndimage.gaussian_filter1d(
             np.bincount(index[samples], minlength=bins).astype(np.float64), 1.0
         )
-        likelihood = (counts + 1.0) / (counts.sum() + bins)
+        # A small uniform share keeps every intensity possible; unlike a pseudo-count per bin it does not
+        # swamp the few samples of a click.
+        likelihood = (1.0 - UNSEEN_SHARE) * counts / counts.sum() + UNSEEN_SHARE / bins
         return np.asarray(-np.log(likelihood), dtype=np.float64)[index]
 
     return negative_log_likelihood(foreground), negative_log_likelihood(background)
 
 
 def probability_costs(
-    probability: np.ndarray, hints: np.ndarray, influence: float
+    image: np.ndarray, probability: np.ndarray, hints: np.ndarray, influence: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """(cost of foreground, cost of background) per pixel: -log p and -log(1 - p) of the foreground
-    probability, after pulling it towards each hint's label with weight exp(-d^2 / (2 influence^2)) at
-    distance d from the nearest hint of that label."""
+    probability, after pulling it towards each hint's label.
+
+    The pull is exp(-d^2 / (2 influence^2)) at distance d from the nearest hint of that label, times the
+    pixel's likeness to the hint pixels' intensity (a Gaussian of their mean and spread), so that a click
+    spreads over its region but not across an edge into differently looking tissue.
+    """
     p = np.clip(np.asarray(probability, dtype=np.float64), 0.0, 1.0)
     if influence > 0:
         for value, target in ((FOREGROUND, 1.0), (BACKGROUND, 0.0)):
             marked = hints == value
             if marked.any():
                 distance = ndimage.distance_transform_edt(~marked)
-                pull = np.exp(-np.square(distance) / (2.0 * influence**2))
-                p = p + pull * (target - p)
+                near = np.exp(-np.square(distance) / (2.0 * influence**2))
+                values = image[marked]
+                spread = max(float(values.std()), MIN_HINT_SPREAD)
+                alike = np.exp(-np.square(image - values.mean()) / (2.0 * spread**2))
+                p = p + near * alike * (target - p)
     p = np.clip(p, EPSILON, 1.0 - EPSILON)
     return -np.log(p), -np.log1p(-p)
 
@@ -278,7 +289,7 @@ def graph_cut(
             raise ValueError(
                 f"probabilities of shape {foreground_probability.shape} for an image of shape {image.shape}"
             )
-        cost_fg, cost_bg = probability_costs(foreground_probability, hints, parameters.influence)
+        cost_fg, cost_bg = probability_costs(image, foreground_probability, hints, parameters.influence)
     cost_fg[hints == FOREGROUND], cost_bg[hints == FOREGROUND] = 0.0, HARD
     cost_fg[hints == BACKGROUND], cost_bg[hints == BACKGROUND] = HARD, 0.0
     # Only the difference of a pixel's two costs matters; removing the common part saves the solver work.
