@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -59,6 +60,7 @@ HARD = 1e9
 EPSILON = 1e-6
 UNSEEN_SHARE = 0.01  # of an intensity model's likelihood spread over all bins
 MIN_HINT_SPREAD = 0.05  # intensity spread assumed at least for the hint pixels of one label
+PULL_REACH = 4.0  # a hint pulls probabilities up to this many ``influence`` away (beyond: < exp(-8))
 RIGHT = np.array([[0, 0, 0], [0, 0, 1], [0, 0, 0]])
 DOWN = np.array([[0, 0, 0], [0, 0, 0], [0, 1, 0]])
 
@@ -248,15 +250,23 @@ def probability_costs(
     """
     p = np.clip(np.asarray(probability, dtype=np.float64), 0.0, 1.0)
     if influence > 0:
+        reach = math.ceil(PULL_REACH * influence)
         for value, target in ((FOREGROUND, 1.0), (BACKGROUND, 0.0)):
             marked = hints == value
-            if marked.any():
-                distance = ndimage.distance_transform_edt(~marked)
-                near = np.exp(-np.square(distance) / (2.0 * influence**2))
-                values = image[marked]
-                spread = max(float(values.std()), MIN_HINT_SPREAD)
-                alike = np.exp(-np.square(image - values.mean()) / (2.0 * spread**2))
-                p = p + near * alike * (target - p)
+            if not marked.any():
+                continue
+            values = image[marked]
+            spread = max(float(values.std()), MIN_HINT_SPREAD)
+            # Only the hints' surroundings are pulled noticeably: work in their bounding box plus the reach.
+            rows, columns = np.nonzero(marked)
+            window = (
+                slice(max(0, rows.min() - reach), rows.max() + reach + 1),
+                slice(max(0, columns.min() - reach), columns.max() + reach + 1),
+            )
+            distance = ndimage.distance_transform_edt(~marked[window])
+            near = np.exp(-np.square(distance) / (2.0 * influence**2))
+            alike = np.exp(-np.square(image[window] - values.mean()) / (2.0 * spread**2))
+            p[window] += near * alike * (target - p[window])
     p = np.clip(p, EPSILON, 1.0 - EPSILON)
     return -np.log(p), -np.log1p(-p)
 
