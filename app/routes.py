@@ -16,6 +16,7 @@ import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar, cast
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -160,23 +161,39 @@ async def _decode(
         raise from_image_error(exc, prefix=f"file {position}{name}: ") from exc
 
 
-async def answer_images(
-    request: Request,
-    registry: ModelRegistry,
-    settings: Settings,
-    pool: Executor,
-    *,
-    task: str,
-    model: str | None,
-    output_format: OutputFormat[Any],
-    options: ResponseOptions,
-    multiple: bool,
-) -> Response:
+@dataclass(frozen=True)
+class ImageRequest:
+    """One request of an image endpoint, as its answer function (``ImageAnswer``) gets it.
+
+    Attributes:
+        http: the HTTP request (its body not read yet).
+        task: the endpoint's task; ``model`` the ``?model=`` value.
+        output_format / options: the answer's format and the request's ``ResponseOptions``.
+        multiple: the endpoint takes several images.
+    """
+
+    http: Request
+    registry: ModelRegistry
+    settings: Settings
+    pool: Executor
+    task: str
+    model: str | None
+    output_format: OutputFormat[Any]
+    options: ResponseOptions
+    multiple: bool
+
+
+ImageAnswer = Callable[[ImageRequest], Awaitable[Response]]
+
+
+async def answer_images(call: ImageRequest) -> Response:
     """The whole request of an image endpoint of ``task``: one image, or up to ``MAX_FILES`` when ``multiple``.
 
     If any image cannot be read, the whole request fails with that image's problem (the first in upload order).
     """
-    handle = registry.resolve(task, model)
+    request, settings, pool, multiple = call.http, call.settings, call.pool, call.multiple
+    output_format, options = call.output_format, call.options
+    handle = call.registry.resolve(call.task, call.model)
     runner, batcher = handle.runner, handle.batcher
     assert runner is not None and batcher is not None
     with contextlib.ExitStack() as places:
@@ -210,26 +227,17 @@ async def answer_images(
     return Response(encoded.body, media_type=encoded.media_type, headers=_model_headers(handle, runner))
 
 
-async def answer_interactive(
-    request: Request,
-    registry: ModelRegistry,
-    settings: Settings,
-    pool: Executor,
-    *,
-    task: str,
-    model: str | None,
-    output_format: OutputFormat[Any],
-    options: ResponseOptions,
-    multiple: bool,
-) -> Response:
+async def answer_interactive(call: ImageRequest) -> Response:
     """The whole request of ``POST /segment/interactive``: one image and its hints (see ``app.interactive``).
 
     Without ``model`` the graph cut segments from the hints alone, in the thread pool; with it the model's
     prediction comes through its batcher as for ``/segment`` and the graph cut refines it in the thread pool.
     """
-    if multiple:
+    if call.multiple:
         raise ValueError("an interactive correction covers one image")
-    handle = registry.resolve(task, model) if model is not None else None
+    request, settings, pool = call.http, call.settings, call.pool
+    output_format, options = call.output_format, call.options
+    handle = call.registry.resolve(call.task, call.model) if call.model is not None else None
     runner = handle.runner if handle is not None else None
     if runner is not None:
         assert isinstance(runner, SegmentationRunner)
@@ -283,9 +291,6 @@ async def answer_interactive(
     body = await in_pool(pool, output_format.encoder, answerer, [Prediction(item, mask)], options)
     headers = {"X-Model-Name": answerer.name, "X-Model-Version": answerer.version}
     return Response(body, media_type=output_format.media_type, headers=headers)
-
-
-ImageAnswer = Callable[..., Awaitable[Response]]
 
 
 # -- building the image endpoints from the output-format registry ---------------------------------------
@@ -380,7 +385,7 @@ def add_image_route(
 
     ``description`` is the operation's description; ``{formats}`` in it becomes the list of formats.
     ``options`` is a dependency giving the request's ``ResponseOptions`` (its query parameters). ``answer``
-    handles the request (``answer_images``'s signature); ``request_body`` is its OpenAPI request body
+    answers the request (an ``ImageRequest``); ``request_body`` is its OpenAPI request body
     (default: ``image_request_body``).
     """
     formats = output_formats(task)
@@ -400,15 +405,9 @@ def add_image_route(
         model: ModelQuery = None,
     ) -> Response:
         return await answer(
-            request,
-            registry,
-            settings,
-            pool,
-            task=task,
-            model=model,
-            output_format=output_format,
-            options=response_options,
-            multiple=multiple,
+            ImageRequest(
+                request, registry, settings, pool, task, model, output_format, response_options, multiple
+            )
         )
 
     router.add_api_route(

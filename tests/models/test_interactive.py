@@ -17,6 +17,7 @@ from models.interactive import (
     parse_point_hints,
     read_scribble,
 )
+from tests.app.helpers import encode_image
 
 
 def two_regions(size: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -30,12 +31,6 @@ def two_regions(size: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / (a.sum() + b.sum()))
-
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def test_two_clicks_separate_two_regions():
@@ -118,20 +113,20 @@ def test_scribbles_are_read_and_checked():
     scribble = np.zeros((8, 10), dtype=np.uint8)
     scribble[2, 3] = FOREGROUND
     scribble[6, 7] = BACKGROUND
-    assert np.array_equal(read_scribble(png(scribble), 8, 10), scribble)
-    assert np.array_equal(parse_hints(png(scribble), 8, 10), scribble)
+    assert np.array_equal(read_scribble(encode_image(scribble), 8, 10), scribble)
+    assert np.array_equal(parse_hints(encode_image(scribble), 8, 10), scribble)
     with pytest.raises(HintError, match="10x8, the image 10x9"):
-        read_scribble(png(scribble), 9, 10)
+        read_scribble(encode_image(scribble), 9, 10)
     with pytest.raises(HintError, match=r"values \[5\]"):
-        read_scribble(png(scribble + 3 * (scribble == BACKGROUND).astype(np.uint8)), 8, 10)
+        read_scribble(encode_image(scribble + 3 * (scribble == BACKGROUND).astype(np.uint8)), 8, 10)
     with pytest.raises(HintError, match="one channel"):
-        read_scribble(png(np.zeros((8, 10, 3), dtype=np.uint8)), 8, 10)
+        read_scribble(encode_image(np.zeros((8, 10, 3), dtype=np.uint8)), 8, 10)
     jpeg = io.BytesIO()
     Image.fromarray(scribble).save(jpeg, format="JPEG")
     with pytest.raises(HintError, match="must be a PNG"):
         read_scribble(jpeg.getvalue(), 8, 10)
     with pytest.raises(HintError, match="not a readable PNG"):
-        read_scribble(png(scribble)[:30], 8, 10)
+        read_scribble(encode_image(scribble)[:30], 8, 10)
 
 
 def test_hints_without_foreground_drive_no_cut_alone():

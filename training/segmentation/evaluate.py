@@ -227,16 +227,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     write_markdown(out / "report.md", report, meta, Path(args.model), Path(args.data), settings)
     if args.interactive > 0:
+        probabilities = interactive.foreground_probabilities(
+            model, data.images, meta, overlap=overlap, tta=args.tta, device=device, batch_size=args.batch_size
+        )
         report["interactive"] = interactive.evaluate_clicks(
-            model,
-            data.images,
-            targets,
-            meta,
-            clicks=args.interactive,
-            overlap=overlap,
-            tta=args.tta,
-            device=device,
-            batch_size=args.batch_size,
+            data.images, targets, probabilities, meta.classes, clicks=args.interactive
         )
         interactive.write_report(out, report)
     return report

@@ -143,26 +143,20 @@ def foreground_probabilities(
 
 
 def evaluate_clicks(
-    model: nn.Module,
     images: Sequence[np.ndarray],
     targets: Sequence[np.ndarray],
-    meta: CheckpointMetadata,
+    probabilities: Sequence[np.ndarray],
+    classes: Sequence[str],
     *,
     clicks: int,
-    overlap: float,
-    tta: bool,
-    device: torch.device,
-    batch_size: int = 8,
     radius: int = DEFAULT_RADIUS,
 ) -> dict[str, Any]:
     """The ``interactive`` entry of report.json: mean Dice over images after click 1..K, per run.
 
-    ``targets`` are class-index masks; the foreground is class ``FOREGROUND_CLASS``. ``unet`` is the U-Net's
-    own Dice on that class (no click), the starting point of ``unet_graph_cut``.
+    ``targets`` are class-index masks, ``probabilities`` the U-Net's of ``FOREGROUND_CLASS`` per image
+    (``foreground_probabilities``). ``unet`` is the U-Net's own Dice on that class (no click), the starting
+    point of ``unet_graph_cut``.
     """
-    probabilities = foreground_probabilities(
-        model, images, meta, overlap=overlap, tta=tta, device=device, batch_size=batch_size
-    )
     alone, refined, unet = [], [], []
     for image, target_map, probability in zip(images, targets, probabilities, strict=True):
         target = target_map == FOREGROUND_CLASS
@@ -172,7 +166,7 @@ def evaluate_clicks(
     return {
         "clicks": clicks,
         "radius": radius,
-        "foreground_class": meta.classes[FOREGROUND_CLASS],
+        "foreground_class": classes[FOREGROUND_CLASS],
         "unet": float(np.mean(unet)),
         "graph_cut": np.mean(alone, axis=0).tolist(),
         "unet_graph_cut": np.mean(refined, axis=0).tolist(),
