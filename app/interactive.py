@@ -73,7 +73,7 @@ def read_hints(hints: str | bytes | None, item: ModelInput, *, need_foreground: 
     Raises:
         models.interactive.HintError: no ``hints`` field, or unusable hints.
     """
-    if hints is None or not hints:
+    if not hints:
         raise HintError(
             f"no hints: send the image as multipart field 'file' and the hints as field '{HINTS_FIELD}' "
             "(JSON points or a scribble PNG)"

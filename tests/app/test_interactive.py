@@ -240,6 +240,17 @@ async def test_requests_without_hints_or_with_a_wrong_model_are_refused(pixel_di
     assert background_only.status_code == 200
 
 
+async def test_the_endpoint_needs_a_key_when_keys_are_configured(tmp_path: Path) -> None:
+    upload = form(encode_image(scene()[0]), OBJECT_AND_OUTSIDE)
+    async with serve(settings(tmp_path, api_keys="interactive-test-key-0123")) as (_, client):
+        refused = await client.post("/segment/interactive", **upload)
+        accepted = await client.post(
+            "/segment/interactive", headers={"X-API-Key": "interactive-test-key-0123"}, **upload
+        )
+    assert_problem(refused, 401, "unauthorized")
+    assert accepted.status_code == 200
+
+
 async def test_the_endpoint_is_documented_with_its_fields(tmp_path: Path) -> None:
     async with serve(settings(tmp_path)) as (_, client):
         schema = (await client.get("/openapi.json")).json()
