@@ -235,62 +235,52 @@ async def answer_interactive(call: ImageRequest) -> Response:
     """
     if call.multiple:
         raise ValueError("an interactive correction covers one image")
-    request, settings, pool = call.http, call.settings, call.pool
-    output_format, options = call.output_format, call.options
-    handle = call.registry.resolve(call.task, call.model) if call.model is not None else None
-    runner = handle.runner if handle is not None else None
-    if runner is not None:
-        assert isinstance(runner, SegmentationRunner)
-        class_index = interactive.foreground_class_index(runner.classes, options.foreground_class)
-    else:
+    pool, options = call.pool, call.options
+    if call.model is None:
         interactive.refuse_class_without_model(options.foreground_class)
-    with contextlib.ExitStack() as places:
-        reservation = None
-        if handle is not None:
-            assert handle.batcher is not None
-            reservation = places.enter_context(handle.batcher.reserve())
-        uploads, fields = await read_uploads_and_fields(
-            request, max_files=1, fields=(interactive.HINTS_FIELD,)
+        item, hints = await _read_image_and_hints(
+            call, interactive.decode_for_graph_cut, need_foreground=True
         )
-        keep_source = output_format.needs_source
-        if runner is not None:
-            item: ModelInput = await in_pool(
-                pool,
-                runner.decode,
-                uploads[0],
-                max_pixels=settings.max_pixels,
-                keep_pixels=True,
-                keep_source=keep_source,
-            )
-        else:
-            item = await in_pool(
-                pool,
-                interactive.decode_for_graph_cut,
-                uploads[0],
-                max_pixels=settings.max_pixels,
-                keep_source=keep_source,
-            )
-        hints = await in_pool(
-            pool,
-            interactive.read_hints,
-            fields.get(interactive.HINTS_FIELD),
-            item,
-            need_foreground=runner is None,
-        )
-        check_input(output_format, item)  # before the model or the cut spends time on it
-        scores = None
-        if reservation is not None:
-            scores = await until_disconnected(request, reservation.submit(item))
-    if runner is not None:
-        assert handle is not None and scores is not None
-        mask = await in_pool(pool, interactive.refine_prediction, runner, item, scores, hints, class_index)
-        answerer = interactive.MaskAnswerer(handle.name, runner.version, runner.classes)
-    else:
         mask = await in_pool(pool, interactive.cut_from_hints, item, hints)
         answerer = interactive.GRAPH_CUT_ANSWERER
-    body = await in_pool(pool, output_format.encoder, answerer, [Prediction(item, mask)], options)
+    else:
+        handle = call.registry.resolve(call.task, call.model)
+        runner, batcher = handle.runner, handle.batcher
+        assert isinstance(runner, SegmentationRunner) and batcher is not None
+        class_index = interactive.foreground_class_index(runner.classes, options.foreground_class)
+        with batcher.reserve() as reservation:
+            decode = functools.partial(runner.decode, keep_pixels=True)
+            item, hints = await _read_image_and_hints(call, decode, need_foreground=False)
+            scores = await until_disconnected(call.http, reservation.submit(item))
+        mask = await in_pool(pool, interactive.refine_prediction, runner, item, scores, hints, class_index)
+        answerer = interactive.MaskAnswerer(handle.name, runner.version, runner.classes)
+    body = await in_pool(pool, call.output_format.encoder, answerer, [Prediction(item, mask)], options)
     headers = {"X-Model-Name": answerer.name, "X-Model-Version": answerer.version}
-    return Response(body, media_type=output_format.media_type, headers=headers)
+    return Response(body, media_type=call.output_format.media_type, headers=headers)
+
+
+async def _read_image_and_hints(
+    call: ImageRequest, decode: Callable[..., ModelInput], *, need_foreground: bool
+) -> tuple[ModelInput, Any]:
+    """Reads the image and the ``hints`` field, decodes both in the thread pool (``decode(upload, max_pixels=,
+    keep_source=)`` must keep the pixels) and refuses, before any cut or model runs, what cannot be answered."""
+    uploads, fields = await read_uploads_and_fields(call.http, max_files=1, fields=(interactive.HINTS_FIELD,))
+    item: ModelInput = await in_pool(
+        call.pool,
+        decode,
+        uploads[0],
+        max_pixels=call.settings.max_pixels,
+        keep_source=call.output_format.needs_source,
+    )
+    hints = await in_pool(
+        call.pool,
+        interactive.read_hints,
+        fields.get(interactive.HINTS_FIELD),
+        item,
+        need_foreground=need_foreground,
+    )
+    check_input(call.output_format, item)
+    return item, hints
 
 
 # -- building the image endpoints from the output-format registry ---------------------------------------
