@@ -59,6 +59,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HARD = 1e9
 EPSILON = 1e-6
 UNSEEN_SHARE = 0.01  # of an intensity model's likelihood spread over all bins
+BACKGROUND_HINT_SHARE = 0.8  # of the background model fitted on the background hints (the rest: all unmarked)
 MIN_HINT_SPREAD = 0.05  # intensity spread assumed at least for the hint pixels of one label
 PULL_REACH = 4.0  # a hint pulls probabilities up to this many ``influence`` away (beyond: < exp(-8))
 RIGHT = np.array([[0, 0, 0], [0, 0, 1], [0, 0, 0]])
@@ -219,23 +220,33 @@ def contrast_weights(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def intensity_costs(image: np.ndarray, hints: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
     """(cost of foreground, cost of background) per pixel: negative log-likelihoods under intensity
-    histograms of the foreground and background hint pixels (smoothed, every bin possible)."""
+    histograms (smoothed, every bin possible) of the foreground hint pixels and of the background.
+
+    The background model is that of every pixel not marked foreground, mixed with that of the background hint
+    pixels when there are any (``BACKGROUND_HINT_SHARE``): a few background clicks do not sample the whole
+    background, so on their own they would leave its other intensities to chance.
+    """
     index = np.clip((image * bins).astype(np.int64), 0, bins - 1)
     foreground = hints == FOREGROUND
     background = hints == BACKGROUND
-    if not background.any():
-        background = ~foreground
 
-    def negative_log_likelihood(samples: np.ndarray) -> np.ndarray:
-        counts = ndimage.gaussian_filter1d(
-            np.bincount(index[samples], minlength=bins).astype(np.float64), 1.0
-        )
+    def histogram(samples: np.ndarray) -> np.ndarray:
+        counts = np.bincount(index[samples], minlength=bins).astype(np.float64)
+        smoothed = ndimage.gaussian_filter1d(counts, 1.0)
+        return np.asarray(smoothed / smoothed.sum(), dtype=np.float64)
+
+    def negative_log_likelihood(frequencies: np.ndarray) -> np.ndarray:
         # A small uniform share keeps every intensity possible; unlike a pseudo-count per bin it does not
         # swamp the few samples of a click.
-        likelihood = (1.0 - UNSEEN_SHARE) * counts / counts.sum() + UNSEEN_SHARE / bins
+        likelihood = (1.0 - UNSEEN_SHARE) * frequencies + UNSEEN_SHARE / bins
         return np.asarray(-np.log(likelihood), dtype=np.float64)[index]
 
-    return negative_log_likelihood(foreground), negative_log_likelihood(background)
+    background_model = histogram(~foreground)
+    if background.any():
+        background_model = (
+            BACKGROUND_HINT_SHARE * histogram(background) + (1.0 - BACKGROUND_HINT_SHARE) * background_model
+        )
+    return negative_log_likelihood(histogram(foreground)), negative_log_likelihood(background_model)
 
 
 def probability_costs(
