@@ -51,8 +51,9 @@ NO_HINT, FOREGROUND, BACKGROUND = 0, 1, 2
 HintLabel = Literal["foreground", "background"]
 HINT_VALUES: dict[str, int] = {"foreground": FOREGROUND, "background": BACKGROUND}
 DEFAULT_RADIUS = 5
-MAX_RADIUS = 512
-MAX_POINTS = 10_000
+# Bounds on the work one request's hints can ask for (1000 disks of radius 256: about a second).
+MAX_RADIUS = 256
+MAX_POINTS = 1000
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # A capacity larger than any cut through one pixel can cost (unaries <= -log(EPSILON), 4 edges <= smoothness).
@@ -75,8 +76,8 @@ class PointHint(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    x: float
-    y: float
+    x: float = Field(allow_inf_nan=False)
+    y: float = Field(allow_inf_nan=False)
     label: HintLabel
 
 

@@ -77,7 +77,12 @@ async def test_the_graph_cut_alone_needs_no_model_and_finds_the_object(tmp_path:
     image, truth = scene()
     async with serve(settings(tmp_path)) as (_, client):  # no checkpoint at all
         response = await client.post("/segment/interactive", **form(encode_image(image), OBJECT_AND_OUTSIDE))
-    assert response.status_code == 200, response.text
+        # The JSON may come as a file part too (curl -F hints=@hints.json).
+        as_file = await client.post(
+            "/segment/interactive", **form(encode_image(image), OBJECT_AND_OUTSIDE.encode())
+        )
+    assert response.status_code == as_file.status_code == 200, response.text
+    assert response.content == as_file.content
     assert response.headers["x-model-name"] == "graph-cut"
     assert response.headers["x-model-version"] == GRAPH_CUT_VERSION
     mask = decode_png(response.content)
