@@ -101,9 +101,12 @@ class ResponseOptions:
 
     Attributes:
         top_k: list only the K most probable classes (classification); None lists all.
+        foreground_class: the class an interactive correction segments (``POST /segment/interactive``);
+            None: the first class after the background.
     """
 
     top_k: int | None = None
+    foreground_class: str | None = None
 
 
 @dataclass
@@ -145,6 +148,52 @@ class OutputFormat(Generic[RunnerT]):
     check: Callable[[ModelInput], None] | None = None
     openapi: dict[str, Any] | None = None
     cheap: bool = False
+
+
+def read_upload(upload: ImageUpload, *, max_pixels: int | None, intensity: str) -> DecodedImage:
+    """Decodes an upload's bytes with the intensity policy ``intensity``; unexpected decoder failures on client
+    data are reported as unreadable images.
+
+    Raises:
+        models.imageio.ImageError: (or a subclass) for bad images.
+    """
+    try:
+        return read_image(
+            upload.data,
+            content_type=upload.content_type,
+            filename=upload.filename,
+            max_pixels=max_pixels,
+            intensity=intensity,
+        )
+    except ImageError:
+        raise
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as exc:
+        # Bad bytes can break a decoder in ways it does not type; still the client's data, still a 400.
+        raise ImageError("the data is not a readable image") from exc
+
+
+def model_input(
+    upload: ImageUpload,
+    decoded: DecodedImage,
+    image: torch.Tensor,
+    *,
+    keep_pixels: bool,
+    keep_source: bool,
+) -> ModelInput:
+    """The ``ModelInput`` of a decoded upload whose model input is ``image``; the pixels and the source DICOM
+    only when kept, and of the DICOM only the identifiers answers may echo."""
+    return ModelInput(
+        image=image,
+        height=decoded.height,
+        width=decoded.width,
+        filename=upload.filename,
+        pixels=decoded.pixels if keep_pixels else None,
+        dicom_uids=safe_identifiers(decoded.dicom) if decoded.dicom is not None else None,
+        source=decoded.dicom if keep_source else None,
+        source_format=decoded.format,
+    )
 
 
 class Runner(ABC, Generic[OutputT]):
@@ -210,23 +259,8 @@ class Runner(ABC, Generic[OutputT]):
         return self.metadata.version
 
     def read(self, upload: ImageUpload, *, max_pixels: int | None) -> DecodedImage:
-        """Decodes the bytes with the checkpoint's intensity policy; unexpected decoder failures on client data
-        are reported as unreadable images."""
-        try:
-            return read_image(
-                upload.data,
-                content_type=upload.content_type,
-                filename=upload.filename,
-                max_pixels=max_pixels,
-                intensity=self.intensity,
-            )
-        except ImageError:
-            raise
-        except (MemoryError, RecursionError):
-            raise
-        except Exception as exc:
-            # Bad bytes can break a decoder in ways it does not type; still the client's data, still a 400.
-            raise ImageError("the data is not a readable image") from exc
+        """Decodes the bytes with the checkpoint's intensity policy (``read_upload``)."""
+        return read_upload(upload, max_pixels=max_pixels, intensity=self.intensity)
 
     def decode(
         self,
@@ -242,15 +276,8 @@ class Runner(ABC, Generic[OutputT]):
             models.imageio.ImageError: (or a subclass) for bad images.
         """
         decoded = self.read(upload, max_pixels=max_pixels)
-        return ModelInput(
-            image=self.preprocess(decoded.pixels),
-            height=decoded.height,
-            width=decoded.width,
-            filename=upload.filename,
-            pixels=decoded.pixels if keep_pixels else None,
-            dicom_uids=safe_identifiers(decoded.dicom) if decoded.dicom is not None else None,
-            source=decoded.dicom if keep_source else None,
-            source_format=decoded.format,
+        return model_input(
+            upload, decoded, self.preprocess(decoded.pixels), keep_pixels=keep_pixels, keep_source=keep_source
         )
 
     @abstractmethod

@@ -24,6 +24,7 @@ from starlette.requests import ClientDisconnect
 
 from app import batching
 from models.imageio import ImageError, ImageTooLargeError, UnprocessableImageError, UnsupportedImageError
+from models.interactive import HintError
 
 logger = logging.getLogger("medserve.errors")
 
@@ -103,6 +104,15 @@ class InvalidRequest(Problem):
     description = "A query parameter is missing or invalid; `errors` lists each one."
 
 
+class InvalidHints(Problem):
+    status, slug, title = 422, "invalid-hints", "Unusable hints"
+    description = (
+        "The hints of an interactive correction are missing or unusable: not the documented JSON (points with "
+        "x, y, label; radius), a point outside the image, no foreground hint (needed without a model), or a "
+        "scribble that is not a one-channel PNG of the image's size with values 0, 1, 2."
+    )
+
+
 class ModelRequired(Problem):
     status, slug, title = 422, "model-required", "Model must be chosen"
     description = "Several models of this task are served; choose one with ?model=NAME."
@@ -161,6 +171,7 @@ PROBLEM_TYPES: dict[str, type[Problem]] = {
         MissingFile,
         UnprocessableImage,
         InvalidRequest,
+        InvalidHints,
         ModelRequired,
         InferenceFailed,
         InternalError,
@@ -197,6 +208,8 @@ def problem_for(exc: BaseException) -> Problem:
         return exc
     if isinstance(exc, ImageError):
         return from_image_error(exc)
+    if isinstance(exc, HintError):
+        return InvalidHints(str(exc))
     if isinstance(exc, ClientDisconnect):
         return ClientDisconnected("the client closed the connection while sending its request")
     if isinstance(exc, batching.QueueFullError):
@@ -278,6 +291,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
     app.add_exception_handler(Problem, handle_exception)
     app.add_exception_handler(ImageError, handle_exception)
+    app.add_exception_handler(HintError, handle_exception)
     app.add_exception_handler(batching.BatchingError, handle_exception)
     app.add_exception_handler(ClientDisconnect, handle_exception)
     app.add_exception_handler(Exception, handle_exception)

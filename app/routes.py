@@ -16,12 +16,14 @@ import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar, cast
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
+from app import interactive
 from app.contract import ImageUpload, ModelInput, OutputFormat, Prediction, ResponseOptions, Runner
 from app.errors import (
     PROBLEM_BASE,
@@ -41,10 +43,11 @@ from app.schemas import (
     ModelsResponse,
     ProblemType,
     image_request_body,
+    interactive_request_body,
     problem_responses,
 )
 from app.settings import Settings
-from app.uploads import read_uploads
+from app.uploads import read_uploads, read_uploads_and_fields
 from models.imageio import ImageError
 
 T = TypeVar("T")
@@ -158,23 +161,39 @@ async def _decode(
         raise from_image_error(exc, prefix=f"file {position}{name}: ") from exc
 
 
-async def answer_images(
-    request: Request,
-    registry: ModelRegistry,
-    settings: Settings,
-    pool: Executor,
-    *,
-    task: str,
-    model: str | None,
-    output_format: OutputFormat[Any],
-    options: ResponseOptions,
-    multiple: bool,
-) -> Response:
+@dataclass(frozen=True)
+class ImageRequest:
+    """One request of an image endpoint, as its answer function (``ImageAnswer``) gets it.
+
+    Attributes:
+        http: the HTTP request (its body not read yet).
+        task: the endpoint's task; ``model`` the ``?model=`` value.
+        output_format / options: the answer's format and the request's ``ResponseOptions``.
+        multiple: the endpoint takes several images.
+    """
+
+    http: Request
+    registry: ModelRegistry
+    settings: Settings
+    pool: Executor
+    task: str
+    model: str | None
+    output_format: OutputFormat[Any]
+    options: ResponseOptions
+    multiple: bool
+
+
+ImageAnswer = Callable[[ImageRequest], Awaitable[Response]]
+
+
+async def answer_images(call: ImageRequest) -> Response:
     """The whole request of an image endpoint of ``task``: one image, or up to ``MAX_FILES`` when ``multiple``.
 
     If any image cannot be read, the whole request fails with that image's problem (the first in upload order).
     """
-    handle = registry.resolve(task, model)
+    request, settings, pool, multiple = call.http, call.settings, call.pool, call.multiple
+    output_format, options = call.output_format, call.options
+    handle = call.registry.resolve(call.task, call.model)
     runner, batcher = handle.runner, handle.batcher
     assert runner is not None and batcher is not None
     with contextlib.ExitStack() as places:
@@ -206,6 +225,62 @@ async def answer_images(
     else:
         encoded = await in_pool(pool, runner.encode, predictions, output_format, options)
     return Response(encoded.body, media_type=encoded.media_type, headers=_model_headers(handle, runner))
+
+
+async def answer_interactive(call: ImageRequest) -> Response:
+    """The whole request of ``POST /segment/interactive``: one image and its hints (see ``app.interactive``).
+
+    Without ``model`` the graph cut segments from the hints alone, in the thread pool; with it the model's
+    prediction comes through its batcher as for ``/segment`` and the graph cut refines it in the thread pool.
+    """
+    if call.multiple:
+        raise ValueError("an interactive correction covers one image")
+    pool, options = call.pool, call.options
+    if call.model is None:
+        interactive.refuse_class_without_model(options.foreground_class)
+        item, hints = await _read_image_and_hints(
+            call, interactive.decode_for_graph_cut, need_foreground=True
+        )
+        mask = await in_pool(pool, interactive.cut_from_hints, item, hints)
+        answerer = interactive.GRAPH_CUT_ANSWERER
+    else:
+        handle = call.registry.resolve(call.task, call.model)
+        runner, batcher = handle.runner, handle.batcher
+        assert isinstance(runner, SegmentationRunner) and batcher is not None
+        class_index = interactive.foreground_class_index(runner.classes, options.foreground_class)
+        with batcher.reserve() as reservation:
+            decode = functools.partial(runner.decode, keep_pixels=True)
+            item, hints = await _read_image_and_hints(call, decode, need_foreground=False)
+            scores = await until_disconnected(call.http, reservation.submit(item))
+        mask = await in_pool(pool, interactive.refine_prediction, runner, item, scores, hints, class_index)
+        answerer = interactive.MaskAnswerer(handle.name, runner.version, runner.classes)
+    body = await in_pool(pool, call.output_format.encoder, answerer, [Prediction(item, mask)], options)
+    headers = {"X-Model-Name": answerer.name, "X-Model-Version": answerer.version}
+    return Response(body, media_type=call.output_format.media_type, headers=headers)
+
+
+async def _read_image_and_hints(
+    call: ImageRequest, decode: Callable[..., ModelInput], *, need_foreground: bool
+) -> tuple[ModelInput, Any]:
+    """Reads the image and the ``hints`` field, decodes both in the thread pool (``decode(upload, max_pixels=,
+    keep_source=)`` must keep the pixels) and refuses, before any cut or model runs, what cannot be answered."""
+    uploads, fields = await read_uploads_and_fields(call.http, max_files=1, fields=(interactive.HINTS_FIELD,))
+    item: ModelInput = await in_pool(
+        call.pool,
+        decode,
+        uploads[0],
+        max_pixels=call.settings.max_pixels,
+        keep_source=call.output_format.needs_source,
+    )
+    hints = await in_pool(
+        call.pool,
+        interactive.read_hints,
+        fields.get(interactive.HINTS_FIELD),
+        item,
+        need_foreground=need_foreground,
+    )
+    check_input(call.output_format, item)
+    return item, hints
 
 
 # -- building the image endpoints from the output-format registry ---------------------------------------
@@ -292,12 +367,16 @@ def add_image_route(
     default_format: str,
     multiple: bool,
     options: Callable[..., Awaitable[ResponseOptions]],
+    answer: ImageAnswer = answer_images,
+    request_body: dict[str, Any] | None = None,
     **route_options: Any,
 ) -> None:
     """Adds ``POST path`` answering images of ``task`` in any of the task's registered output formats.
 
     ``description`` is the operation's description; ``{formats}`` in it becomes the list of formats.
-    ``options`` is a dependency giving the request's ``ResponseOptions`` (its query parameters).
+    ``options`` is a dependency giving the request's ``ResponseOptions`` (its query parameters). ``answer``
+    answers the request (an ``ImageRequest``); ``request_body`` is its OpenAPI request body
+    (default: ``image_request_body``).
     """
     formats = output_formats(task)
     if default_format not in formats:
@@ -315,16 +394,10 @@ def add_image_route(
         response_options: ResponseOptions = read_options,
         model: ModelQuery = None,
     ) -> Response:
-        return await answer_images(
-            request,
-            registry,
-            settings,
-            pool,
-            task=task,
-            model=model,
-            output_format=output_format,
-            options=response_options,
-            multiple=multiple,
+        return await answer(
+            ImageRequest(
+                request, registry, settings, pool, task, model, output_format, response_options, multiple
+            )
         )
 
     router.add_api_route(
@@ -335,7 +408,7 @@ def add_image_route(
         summary=summary,
         description=description.format(formats=describe_formats(formats, default_format)),
         responses={200: ok_response(formats), **problem_responses(400, 404, 413, 415, 422, 500, 503, 504)},
-        openapi_extra=image_request_body(multiple=multiple),
+        openapi_extra=request_body or image_request_body(multiple=multiple),
         **route_options,
     )
 
@@ -348,6 +421,18 @@ async def classify_options(
     top_k: Annotated[int | None, Query(ge=1, description="list only the K most probable classes")] = None,
 ) -> ResponseOptions:
     return ResponseOptions(top_k=top_k)
+
+
+async def interactive_options(
+    foreground_class: Annotated[
+        str | None,
+        Query(
+            alias="class",
+            description="with ?model=: the class to correct (default the first class after the background)",
+        ),
+    ] = None,
+) -> ResponseOptions:
+    return ResponseOptions(foreground_class=foreground_class)
 
 
 SEGMENT_DESCRIPTION = """Segments one image and returns the mask at the image's original size.
@@ -370,8 +455,27 @@ image's problem (400 for an unreadable file) and the detail names the file; no o
 {formats}"""
 
 
+INTERACTIVE_DESCRIPTION = """Segments one image from foreground and background hints by a graph cut, or refines a U-Net's
+prediction with them (semi-automatic correction).
+
+Send multipart field `file` (the image) and field `hints`: JSON points
+(`-F 'hints={{"points": [{{"x": 120, "y": 80, "label": "foreground"}}], "radius": 5}}'`; `label` is `foreground` or
+`background`, `x` the column and `y` the row in pixels, each point a disk of `radius` pixels, later points drawn
+over earlier ones) or a scribble PNG of the image's size (`-F hints=@scribble.png`; one channel, 0 no hint,
+1 foreground, 2 background). Hint pixels keep their label in the answer.
+
+Without `model` the graph cut segments from the hints alone (at least one foreground hint; intensity models
+fitted on the hint pixels) and answers as the model `graph-cut` (classes background, foreground). With
+`model=NAME` it refines that model's probabilities of one class (`class=NAME`, default the first class after the
+background); the answer has the model's classes. Unusable hints: 422 `/problems/invalid-hints`.
+
+{formats}Headers `X-Model-Name` and `X-Model-Version` name the model that answered (`graph-cut` without one).
+"""
+
+
 def image_router() -> APIRouter:
-    """``POST /segment`` and ``POST /classify`` with the output formats registered now (see ``app.outputs``)."""
+    """``POST /segment``, ``POST /segment/interactive`` and ``POST /classify`` with the output formats registered
+    now (see ``app.outputs``)."""
     images = APIRouter()
     add_image_route(
         images,
@@ -383,6 +487,20 @@ def image_router() -> APIRouter:
         default_format="png",
         multiple=False,
         options=no_options,
+        response_class=Response,
+    )
+    add_image_route(
+        images,
+        "/segment/interactive",
+        name="segment_interactive",
+        task=SegmentationRunner.task,
+        summary="Segment or correct an image from hints",
+        description=INTERACTIVE_DESCRIPTION,
+        default_format="png",
+        multiple=False,
+        options=interactive_options,
+        answer=answer_interactive,
+        request_body=interactive_request_body(),
         response_class=Response,
     )
     add_image_route(

@@ -104,7 +104,7 @@ class SegmentationRunner(Runner[torch.Tensor]):
             n = len(tiling.positions)
             window_logits = logits[offset : offset + n]
             offset += n
-            if n == 1:
+            if n == 1:  # as ``returns_logits`` says
                 outputs.append(window_logits[0, :, : tiling.height, : tiling.width])
             else:
                 outputs.append(merge_tiles(torch.softmax(window_logits, dim=1), tiling))
@@ -113,6 +113,18 @@ class SegmentationRunner(Runner[torch.Tensor]):
     def mask(self, item: ModelInput, scores: torch.Tensor) -> np.ndarray:
         """Class index per pixel (H, W) at the input's original size, from scores (K, H', W')."""
         return argmax_classes(to_original_size(scores, item.height, item.width, self.spec).numpy())
+
+    def returns_logits(self, item: ModelInput) -> bool:
+        """Whether ``predict``'s scores for ``item`` are logits (one window covers it), not probabilities."""
+        height, width = item.image.shape[-2:]
+        tile_height, tile_width = self.spec.img_size
+        return self.spec.resize in ("tile", "fit") and height <= tile_height and width <= tile_width
+
+    def probabilities(self, item: ModelInput, scores: torch.Tensor) -> np.ndarray:
+        """Class probabilities (K, H, W) at the input's original size, from ``predict``'s scores (K, H', W')."""
+        if self.returns_logits(item):
+            scores = torch.softmax(scores, dim=0)
+        return to_original_size(scores, item.height, item.width, self.spec).numpy()
 
 
 def argmax_classes(scores: np.ndarray) -> np.ndarray:

@@ -150,6 +150,34 @@ def image_request_body(multiple: bool) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": content}}
 
 
+def interactive_request_body() -> dict[str, Any]:
+    """OpenAPI request body of ``POST /segment/interactive``: multipart fields ``file`` and ``hints``."""
+    binary: dict[str, Any] = {"type": "string", "format": "binary"}
+    hints_json = '{"points": [{"x": 120, "y": 80, "label": "foreground"}], "radius": 5}'
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file", "hints"],
+                        "properties": {
+                            "file": {**binary, "description": "the image (PNG, JPEG, TIFF, BMP or DICOM)"},
+                            "hints": {
+                                "description": "JSON points (x column, y row, label foreground|background; "
+                                "radius in pixels, default 5) or a scribble PNG of the image's size "
+                                "(0 none, 1 foreground, 2 background)",
+                                "oneOf": [{"type": "string", "example": hints_json}, binary],
+                            },
+                        },
+                    }
+                }
+            },
+        }
+    }
+
+
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for error statuses, listing the problem types each status can carry."""
     schema = ProblemDetails.model_json_schema()

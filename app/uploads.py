@@ -7,6 +7,7 @@ the limit is passed. ``read_uploads`` then accepts either form of upload and nam
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.datastructures import UploadFile
@@ -84,16 +85,29 @@ async def read_uploads(request: Request, *, max_files: int) -> list[ImageUpload]
         PayloadTooLarge: more than ``max_files`` images, or a body over the byte limit (413).
         BadRequest: a malformed multipart body (400).
     """
+    uploads, _ = await read_uploads_and_fields(request, max_files=max_files)
+    return uploads
+
+
+async def read_uploads_and_fields(
+    request: Request, *, max_files: int, fields: Sequence[str] = ()
+) -> tuple[list[ImageUpload], dict[str, str | bytes]]:
+    """The images of a request (as ``read_uploads``) and the multipart ``fields`` it has besides ``file``: text
+    as ``str``, file parts as their bytes (the first of each name). A raw body has no fields.
+
+    Raises:
+        as ``read_uploads``.
+    """
     ctype = media_type(request)
     if ctype == MULTIPART:
-        return await _read_multipart(request, max_files)
+        return await _read_multipart(request, max_files, fields)
     if ctype in RAW_IMAGE_TYPES:
         body = await request.body()
         if not body:
             raise MissingFile(
                 "the request body is empty; send the image as the body or as multipart field 'file'"
             )
-        return [ImageUpload(body, ctype, None)]
+        return [ImageUpload(body, ctype, None)], {}
     if not ctype:
         # Without a content type the body cannot be interpreted; an empty request simply has no image.
         if not await request.body():
@@ -107,10 +121,13 @@ async def read_uploads(request: Request, *, max_files: int) -> list[ImageUpload]
     )
 
 
-async def _read_multipart(request: Request, max_files: int) -> list[ImageUpload]:
+async def _read_multipart(
+    request: Request, max_files: int, fields: Sequence[str]
+) -> tuple[list[ImageUpload], dict[str, str | bytes]]:
     try:
-        # One file more than allowed is parsed so that "too many" can be told apart from a broken body.
-        form = await request.form(max_files=max_files + 1, max_fields=max_files + 16)
+        # One file more than allowed is parsed so that "too many" can be told apart from a broken body; the
+        # fields' own file parts count as files too.
+        form = await request.form(max_files=max_files + 1 + len(fields), max_fields=max_files + 16)
     except HTTPException as exc:
         if str(exc.detail).startswith("Too many files"):
             # More than one file over the limit: the parser stopped counting, the answer is still "too many".
@@ -130,6 +147,13 @@ async def _read_multipart(request: Request, max_files: int) -> list[ImageUpload]
             if not data:
                 raise MissingFile(f"file #{index + 1} ({part.filename or 'unnamed'}) is empty")
             uploads.append(ImageUpload(data, part.content_type, part.filename))
-        return uploads
+        values: dict[str, str | bytes] = {}
+        for name in fields:
+            value = form.get(name)
+            if isinstance(value, UploadFile):
+                values[name] = await value.read()
+            elif value is not None:
+                values[name] = value
+        return uploads, values
     finally:
         await form.close()

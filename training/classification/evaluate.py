@@ -6,11 +6,15 @@
   classes present), ``per_class`` (precision, recall, sensitivity (= recall), specificity, support),
   ``confusion_matrix`` (rows: true class, columns: predicted class, in ``classes`` order), ``ece`` (expected
   calibration error of the top-class probability, 15 equal-width bins) and ``baselines``: k-nearest neighbours,
-  linear discriminant analysis, Gaussian naive Bayes and a linear SVM (scikit-learn) fitted on the model's frozen
-  backbone features (global average pooled) of the TRAINING images, each with ``accuracy`` and
-  ``balanced_accuracy`` on ``DIR``. The training images are ``--train-data DIR`` when given (all images of
-  ``DIR/train/<class>`` or ``DIR/<class>``), else the training split recorded in the checkpoint
-  (``extra.train_data``: the same folder, validation fraction and seed, so the validation images are excluded).
+  linear discriminant analysis, Gaussian naive Bayes, a linear SVM, a decision tree and a small neural network
+  (scikit-learn) fitted on features of the TRAINING images, each with ``accuracy``, ``balanced_accuracy``,
+  ``auc`` and ``seconds`` on ``DIR``: ``knn``, ``lda``, ``naive_bayes``, ``linear_svm``, ``decision_tree``,
+  ``mlp`` on the model's frozen backbone features (global average pooled), the same names prefixed
+  ``handcrafted_`` on hand-crafted features (``training.classification.handcrafted``; ``--baseline-features``
+  chooses the kinds). ``baseline_features`` gives each kind's feature count and extraction seconds. The
+  training images are ``--train-data DIR`` when given (all images of ``DIR/train/<class>`` or ``DIR/<class>``),
+  else the training split recorded in the checkpoint (``extra.train_data``: the same folder, validation
+  fraction and seed, so the validation images are excluded).
 * ``report.md``, ``confusion_matrix.png``, ``roc.png`` and ``predictions.csv`` (one row per image).
 
 Probabilities are ``softmax(logits / temperature)`` with the checkpoint's ``extra.temperature``, as served.
@@ -33,9 +37,16 @@ from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 from models.checkpoint import CheckpointError, load_model
 from models.classifier import probabilities
 from models.inference import resolve_device
-from training.classification.baselines import fit_baselines, training_samples
+from training.classification.baselines import (
+    BASELINE_NAMES,
+    FEATURE_KINDS,
+    baseline_key,
+    parse_feature_kinds,
+    run_baselines,
+    training_samples,
+)
 from training.classification.data import ClassificationDataset, Sample, list_samples, split_samples
-from training.classification.engine import extract_features, predict_logits
+from training.classification.engine import predict_logits
 from training.classification.metrics import classification_metrics
 from training.common.options import add_device_argument
 from training.common.runtime import cpu_threads, show_progress
@@ -98,19 +109,43 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines.append("| --- " * (len(classes) + 1) + "|")
     for name, row in zip(classes, report["confusion_matrix"], strict=True):
         lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
-    lines += ["", "## Baselines on the frozen backbone's features", ""]
+    lines += ["", "## Baselines: classical classifiers on the CNN's and on hand-crafted features", ""]
     if report["baselines"]:
-        lines.append(
-            f"Fitted on {report['baselines_train']['source']} ({report['baselines_train']['n_images']} images)."
-        )
-        lines += ["", "| method | accuracy | balanced accuracy |", "| --- | --- | --- |"]
-        lines.append(f"| this model | {_fmt(report['accuracy'])} | {_fmt(report['balanced_accuracy'])} |")
-        for name, m in report["baselines"].items():
-            lines.append(f"| {name} | {_fmt(m['accuracy'])} | {_fmt(m['balanced_accuracy'])} |")
+        lines += baseline_table(report)
     else:
         lines.append(f"Not computed: {report.get('baselines_skipped', 'skipped')}.")
     lines += ["", "![confusion matrix](confusion_matrix.png)", "", "![ROC](roc.png)", ""]
     return "\n".join(lines)
+
+
+BASELINE_SCORES = ("accuracy", "balanced_accuracy", "auc")
+
+
+def baseline_table(report: dict[str, Any]) -> list[str]:
+    """``report.md``'s baselines section: each classifier on the CNN's features beside the same classifier on
+    hand-crafted features, under the network's own scores."""
+    features = report["baseline_features"]
+    kinds = [k for k in FEATURE_KINDS if k in features]
+    titles = {"cnn": "CNN features", "handcrafted": "hand-crafted features"}
+    lines = [
+        f"Fitted on {report['baselines_train']['source']} ({report['baselines_train']['n_images']} images). "
+        + "; ".join(
+            f"{titles[k]}: {features[k]['n_features']} per image, extracted in {features[k]['seconds']:.1f} s"
+            for k in kinds
+        )
+        + ".",
+        "",
+        "| method | " + " | ".join(f"{titles[k]}: {s}" for k in kinds for s in BASELINE_SCORES) + " |",
+        "| --- " * (1 + len(kinds) * len(BASELINE_SCORES)) + "|",
+        "| this model | " + " | ".join(_fmt(report[s]) for _ in kinds for s in BASELINE_SCORES) + " |",
+    ]
+    for name in BASELINE_NAMES:
+        cells = []
+        for kind in kinds:
+            scores = report["baselines"].get(baseline_key(kind, name), {})
+            cells += [_fmt(scores.get(s)) for s in BASELINE_SCORES]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -131,6 +166,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-baselines", action="store_true", help="skip the classical baselines")
     parser.add_argument(
+        "--baseline-features",
+        type=parse_feature_kinds,
+        default=FEATURE_KINDS,
+        metavar="KINDS",
+        help="features the baselines are fitted on, comma-separated: cnn (the model's frozen backbone), "
+        "handcrafted (intensity histogram, GLCM, LBP, HOG) (default: cnn,handcrafted)",
+    )
+    parser.add_argument(
         "--max-train-images",
         type=int,
         default=None,
@@ -140,7 +183,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=0, help="data loading processes")
     add_device_argument(parser)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for --max-train-images subsampling")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for --max-train-images subsampling and the baselines' decision tree and MLP",
+    )
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
 
@@ -187,19 +235,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         train, source = training_samples(meta, args.train_data)
         train = _subsample(train, args.max_train_images, args.seed)
-        train_x, train_y = extract_features(
+        report["baselines"], report["baseline_features"] = run_baselines(
             model,
-            ClassificationDataset(train, meta.preprocessing),
-            device,
-            args.batch_size,
-            args.workers,
+            meta,
+            train,
+            samples,
+            args.baseline_features,
+            device=device,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            seed=args.seed,
             progress=progress,
-            desc="training features",
         )
-        test_x, test_y = extract_features(
-            model, dataset, device, args.batch_size, args.workers, progress=progress, desc="test features"
-        )
-        report["baselines"] = fit_baselines(train_x, train_y, test_x, test_y)
         report["baselines_train"] = {"source": source, "n_images": len(train)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,9 +283,10 @@ def main(args: argparse.Namespace) -> int:
     )
     for name, m in report["baselines"].items():
         log.info(
-            "baseline %-12s accuracy %.4f, balanced accuracy %.4f",
+            "baseline %-26s accuracy %.4f, balanced accuracy %.4f, AUC %s",
             name,
             m["accuracy"],
             m["balanced_accuracy"],
+            _fmt(m["auc"]),
         )
     return 0

@@ -9,7 +9,8 @@ Writes ``OUTDIR/report.json`` (``n_images``; ``methods`` -> ``unet`` and each ba
 ``region_growing``, ...) -> ``dice``, ``iou``, ``hd95``, ``per_class_dice``, ``seconds_per_image``, ``rank``
 (1 = highest Dice) and, for the baselines, ``beaten_by_unet``), ``OUTDIR/report.md`` (with the ranking and a
 pairwise table of per-image wins), ``OUTDIR/per_image.csv`` and contour overlays of the best and worst U-Net
-cases in ``OUTDIR/overlays/``.
+cases in ``OUTDIR/overlays/``. With ``--interactive K``, report.json gains ``interactive`` and report.md a
+table: Dice after each of K simulated clicks (``training.segmentation.interactive``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from models.checkpoint import CheckpointError, CheckpointMetadata, load_model
 from models.imageio import resolve_intensity
 from models.inference import resolve_device
 from models.preprocessing import prepare
-from training.segmentation import baselines
+from training.segmentation import baselines, interactive
 from training.segmentation import data as D
 from training.segmentation.engine import predict_labels
 from training.segmentation.metrics import ImageScores, aggregate, score_image
@@ -66,6 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=2,
         help="overlays written for the best and for the worst cases (default 2)",
+    )
+    parser.add_argument(
+        "--interactive",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also simulate K correction clicks per image and report Dice after each (default 0: off)",
     )
 
 
@@ -283,6 +291,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"{tta}; {time.monotonic() - started:.0f} s on {device}."
     )
     write_markdown(out / "report.md", report, meta, Path(args.model), Path(args.data), settings, scores)
+    if args.interactive > 0:
+        probabilities = interactive.foreground_probabilities(
+            model, data.images, meta, overlap=overlap, tta=args.tta, device=device, batch_size=args.batch_size
+        )
+        report["interactive"] = interactive.evaluate_clicks(
+            data.images, targets, probabilities, meta.classes, clicks=args.interactive
+        )
+        interactive.write_report(out, report)
     return report
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from models.classifier import Classifier
 from models.preprocessing import Preprocessing
 from tests.training.helpers import eval_argv
 from training.classification.data import discover
+from training.classification.handcrafted import N_FEATURES
 from training.classification.lesions import generate_lesion_dataset
 from training.classification.metrics import (
     classification_metrics,
@@ -103,14 +105,26 @@ def test_report_has_every_field(lesion_model: tuple[Path, Path], tmp_path: Path)
     for stats in report["per_class"].values():
         assert {"precision", "recall", "sensitivity", "specificity", "support"} <= set(stats)
         assert stats["support"] == 6
-    assert set(report["baselines"]) == {"knn", "lda", "naive_bayes", "linear_svm"}
+    names = {"knn", "lda", "naive_bayes", "linear_svm", "decision_tree", "mlp"}
+    assert set(report["baselines"]) == names | {f"handcrafted_{name}" for name in names}
     for scores in report["baselines"].values():
         assert 0.0 <= scores["accuracy"] <= 1.0 and 0.0 <= scores["balanced_accuracy"] <= 1.0
+        assert 0.0 <= scores["auc"] <= 1.0 and scores["seconds"] >= 0.0
+    features = report["baseline_features"]
+    assert features["cnn"]["n_features"] == 512 and features["handcrafted"]["n_features"] == N_FEATURES
+    assert all(f["seconds"] > 0.0 for f in features.values())
     # The baselines were fitted on the checkpoint's training split (validation quarter held out).
     assert report["baselines_train"]["n_images"] == 18
     assert report["model"]["temperature"] == 1.5
     markdown = (out / "report.md").read_text()
     assert "balanced_accuracy" in markdown and "linear_svm" in markdown
+    # One row per classifier, its CNN-feature and hand-crafted scores side by side.
+    mlp_row = next(line for line in markdown.splitlines() if line.startswith("| mlp |"))
+    assert (
+        mlp_row.count("|") == 8
+        and "CNN features: auc" in markdown
+        and "hand-crafted features: auc" in markdown
+    )
     for png in ("confusion_matrix.png", "roc.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG")
     rows = (out / "predictions.csv").read_text().splitlines()
@@ -148,3 +162,33 @@ def test_test_folder_with_unknown_class_is_refused(
     with caplog.at_level(logging.ERROR):
         assert main([*argv, "--device", "cpu", "--no-baselines"]) == 2
     assert "cyst" in caplog.text
+
+
+def test_baseline_features_option_and_max_train_images(
+    lesion_model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, test = lesion_model
+
+    def evaluate(out: Path, *options: str) -> dict[str, Any]:
+        argv = eval_argv("classify", model, test, out, "--device", "cpu", "--threads", "1", *options)
+        assert main(argv) == 0
+        return dict(json.loads((out / "report.json").read_text()))
+
+    report = evaluate(tmp_path / "a", "--baseline-features", "handcrafted", "--max-train-images", "10")
+    assert set(report["baselines"]) == {
+        "handcrafted_knn",
+        "handcrafted_lda",
+        "handcrafted_naive_bayes",
+        "handcrafted_linear_svm",
+        "handcrafted_decision_tree",
+        "handcrafted_mlp",
+    }
+    assert set(report["baseline_features"]) == {"handcrafted"} and report["baselines_train"]["n_images"] == 10
+    markdown = (tmp_path / "a" / "report.md").read_text()
+    assert "hand-crafted features: accuracy" in markdown and "CNN features" not in markdown
+    report = evaluate(tmp_path / "b", "--baseline-features", "cnn", "--max-train-images", "12")
+    assert set(report["baselines"]) == {"knn", "lda", "naive_bayes", "linear_svm", "decision_tree", "mlp"}
+    assert report["baselines_train"]["n_images"] == 12
+    with pytest.raises(SystemExit):
+        main(eval_argv("classify", model, test, tmp_path / "c", "--baseline-features", "sift"))
+    assert "--baseline-features" in capsys.readouterr().err
