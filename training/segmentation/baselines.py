@@ -65,6 +65,7 @@ from sklearn.cluster import AgglomerativeClustering, KMeans, MeanShift, estimate
 from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
+from models.interactive import DOWN, RIGHT, contrast_weights
 from models.preprocessing import to_channels
 
 # Report order: pixel clustering first, then the spatial methods.
@@ -427,22 +428,11 @@ def graph_cut_split(
         mean, std = group_gaussian(gray, group)
         costs.append(0.5 * ((clipped - mean) / std) ** 2 + np.log(std))
     dark_cost, bright_cost = (c - np.minimum(*costs) for c in costs)
-    dx = np.diff(clipped, axis=1)
-    dy = np.diff(clipped, axis=0)
-    mean_square = (np.sum(dx**2) + np.sum(dy**2)) / max(dx.size + dy.size, 1)
-    beta = 1 / (2 * mean_square) if mean_square > 0 else 0.0
+    right, down = contrast_weights(clipped)  # the interactive graph cut's pairwise term
     g = maxflow.Graph[float]()
     nodes = g.add_grid_nodes(clipped.shape)
-    right = np.zeros(clipped.shape)
-    right[:, :-1] = GRAPH_CUT_SMOOTHNESS * np.exp(-beta * dx**2)
-    down = np.zeros(clipped.shape)
-    down[:-1, :] = GRAPH_CUT_SMOOTHNESS * np.exp(-beta * dy**2)
-    g.add_grid_edges(
-        nodes, weights=right, structure=np.array([[0, 0, 0], [0, 0, 1], [0, 0, 0]]), symmetric=True
-    )
-    g.add_grid_edges(
-        nodes, weights=down, structure=np.array([[0, 0, 0], [0, 0, 0], [0, 1, 0]]), symmetric=True
-    )
+    g.add_grid_edges(nodes, weights=GRAPH_CUT_SMOOTHNESS * right, structure=RIGHT, symmetric=True)
+    g.add_grid_edges(nodes, weights=GRAPH_CUT_SMOOTHNESS * down, structure=DOWN, symmetric=True)
     # Source side = bright: a pixel left on the source side cuts its sink edge, so pays the bright cost.
     g.add_grid_tedges(nodes, dark_cost, bright_cost)
     g.maxflow()
