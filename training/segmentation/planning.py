@@ -234,12 +234,18 @@ def plan(
         f"images are {fp.min_long_side}-{fp.max_long_side} px on the long side "
         f"(median {fp.median_size[0]}x{fp.median_size[1]}, spread {spread:.2f}x)"
     )
-    # The working long side: the device's, or --target-size; enlarged to keep the smallest structure visible.
-    wanted = WORKING_LONG_SIDE[kind] if not target_size else max(target_size)
     smallest = fp.smallest_structure
     needed = math.ceil(MIN_STRUCTURE_PX / smallest.relative_width) if smallest else 0
-    long_side = min(max(wanted, needed), MAX_WORKING_LONG_SIDE[kind]) if not target_size else wanted
-    long_side = min(long_side, max(fp.median_long_side, SIZE_MULTIPLE)) if not target_size else long_side
+    if target_size:
+        long_side = max(target_size)
+    else:
+        # The device's working long side, enlarged to keep the narrowest structures visible, but within the
+        # device's limit and never beyond the median image.
+        long_side = min(
+            max(WORKING_LONG_SIDE[kind], needed),
+            MAX_WORKING_LONG_SIDE[kind],
+            max(fp.median_long_side, SIZE_MULTIPLE),
+        )
     structure_px = smallest.relative_width * long_side if smallest else math.inf
     keeps_structures = structure_px >= MIN_STRUCTURE_PX
     structure_text = (

@@ -113,3 +113,16 @@ def test_native_crops_per_epoch_are_capped_per_image():
     assert D.default_samples_per_epoch([(512, 512)] * 22, (256, 256)) == 88
     assert D.default_samples_per_epoch([(3000, 2500), (100, 100)], (256, 256)) == D.MAX_CROPS_PER_IMAGE + 1
     assert D.default_samples_per_epoch([(3000, 2500)], (256, 256), max_per_image=1000) == 115
+
+
+def test_the_working_size_grows_to_keep_narrow_structures_and_then_tiles():
+    masks = []
+    for size in (1000, 2000, 600):
+        band = np.zeros((size, size), dtype=np.int64)
+        band[:, size // 2 : size // 2 + size // 50] = 1  # 2% of the width
+        masks.append(band)
+    p = _plan(masks)
+    # 8 px at 2% of the long side needs a 400 px working size: over a CPU patch, so 256 crops and tiling.
+    assert p.scale == "fit" and p.working_size == (400, 400)
+    assert p.patch_size == planning.DEFAULT_PATCH and p.tiles
+    assert "training takes 256x256 crops and inference tiles" in p.reasons[2]
