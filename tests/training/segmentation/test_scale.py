@@ -15,7 +15,7 @@ from training.cli import main as cli_main
 from training.segmentation import data as D
 from training.segmentation.engine import predict_labels
 from training.segmentation.synthetic import chest_phantom, generate_chest, generate_dental
-from training.segmentation.train import run
+from training.segmentation.train import parse_target_size, run
 
 TINY = ["--channels", "4,8", "--epochs", "1", "--device", "cpu", "--augment", "flips"]
 
@@ -143,6 +143,11 @@ def test_old_checkpoints_without_a_plan_evaluate_at_native_scale(tmp_path, capsy
         "has no plan" in capsys.readouterr().out
         and "native scale" in capsys.readouterr().out + "native scale"
     )
+
+
+def test_target_size_is_a_long_side_or_height_by_width():
+    assert parse_target_size("384") == (384,)
+    assert parse_target_size("320x384") == (320, 384) and parse_target_size("320,384") == (320, 384)
 
 
 def test_bad_target_sizes_are_refused(tmp_path):
