@@ -26,12 +26,15 @@ import torch
 from torch.utils.data import Dataset
 
 from models.imageio import DEFAULT_INTENSITY, IMAGE_SUFFIXES, ImageError, read_image_file, read_mask_file
-from models.preprocessing import Preprocessing, normalize, to_channels
+from models.preprocessing import Preprocessing, fit_image, fit_mask, normalize, to_channels
 from training.segmentation.transforms import SegmentationAugment
 
 MaskMode = Literal["binary", "index"]
 MAX_LISTED = 5  # problems listed per kind in a DataLayoutError
 BINARY_CLASSES = ("background", "foreground")
+# Most crops per image and epoch at native scale: ISBI's 512 x 512 slices need 4 crops of 256 x 256 to be
+# covered once, and larger images are capped there.
+MAX_CROPS_PER_IMAGE = 4
 
 
 class DataLayoutError(ValueError):
@@ -250,6 +253,20 @@ def fingerprint(paths: Sequence[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+def fit_pairs(
+    images: Sequence[np.ndarray], targets: Sequence[np.ndarray], working_size: Sequence[int]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Images (H, W, C) and class-index masks (H, W) fitted to ``working_size`` (``resize="fit"``: aspect kept,
+    centred zero padding, masks by per-class resampling), as serving fits its inputs."""
+    fitted = [
+        fit_image(torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1))), working_size)
+        .permute(1, 2, 0)
+        .numpy()
+        for im in images
+    ]
+    return fitted, [fit_mask(t, working_size) for t in targets]
+
+
 class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Random augmented crops for training.
 
@@ -295,9 +312,18 @@ class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return tensor, torch.from_numpy(mask)
 
 
-def default_samples_per_epoch(images: Sequence[np.ndarray], crop: tuple[int, int]) -> int:
-    """Crops per epoch so that, on average, every training pixel is seen about once per epoch."""
+def default_samples_per_epoch(
+    sizes: Sequence[tuple[int, int]], crop: Sequence[int], max_per_image: int = MAX_CROPS_PER_IMAGE
+) -> int:
+    """Crops per epoch so that every training pixel is seen about once per epoch, but at most ``max_per_image``
+    crops per image: a 3,000-pixel X-ray would otherwise need over a hundred 256-pixel crops per epoch, and
+    ``--epochs`` would mean something else on large images than on small ones.
+
+    Args:
+        sizes: (height, width) of each training image.
+        crop: the crop (height, width).
+    """
     total = 0
-    for im in images:
-        total += max(1, math.ceil(im.shape[0] * im.shape[1] / (crop[0] * crop[1])))
+    for height, width in sizes:
+        total += min(max_per_image, max(1, math.ceil(height * width / (crop[0] * crop[1]))))
     return total

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from models.inference import FLIPS, Precision, segment_probabilities
+from models.preprocessing import Preprocessing, to_original_size
 from training.common.engine import to_device, train_step
 from training.common.precision import MixedPrecision
 from training.segmentation.metrics import ImageScores, score_image
@@ -73,8 +74,15 @@ def predict_labels(
     flips: Sequence[str] = FLIPS,
     batch_size: int = 8,
     precision: Precision = "fp32",
+    spec: Preprocessing | None = None,
+    original_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> list[np.ndarray]:
-    """Full-resolution label maps (H, W) for normalised (C, H, W) images by tiled prediction."""
+    """Label maps for normalised (C, H, W) images by tiled prediction (windows of all images pooled).
+
+    With ``spec`` and ``original_sizes`` the scores are first mapped back to each image's original (H, W) by
+    ``models.preprocessing.to_original_size`` (the padding of ``resize="fit"`` cut off, then resized), as the
+    service does; otherwise the maps have the size of ``images``.
+    """
     if not images:
         return []
     model.eval()
@@ -89,6 +97,8 @@ def predict_labels(
         device=device,
         precision=precision,
     )
+    if spec is not None and original_sizes is not None:
+        probs = [to_original_size(p, h, w, spec) for p, (h, w) in zip(probs, original_sizes, strict=True)]
     return [p.argmax(dim=0).numpy() for p in probs]
 
 

@@ -1,9 +1,12 @@
 """`medserve eval segment --model PATH --data DIR --out OUTDIR`: U-Net against classical baselines.
 
-Every image of ``DIR/images`` (with ``DIR/masks``) is predicted at full resolution by sliding-window inference
-(``models.inference.segment_probabilities``; windows of the training crop size, overlapping and blended), with
-test-time augmentation over the flips the model was trained with unless ``--no-tta``. The baselines of
-``training.segmentation.baselines`` chosen by ``--baselines`` (default all) run on the same images.
+Every image of ``DIR/images`` (with ``DIR/masks``) is predicted as the checkpoint's preprocessing says: at full
+resolution (``resize="tile"``, native scale) or fitted to the working size (``resize="fit"``), by sliding-window
+inference (``models.inference.segment_probabilities``; windows of the training crop size, overlapping and
+blended, pooled over ``CHUNK`` images per forward batch as the service pools requests), with test-time
+augmentation over the flips the model was trained with unless ``--no-tta``. Scores are mapped back to each
+image's original size (``models.preprocessing.to_original_size``) and compared with the original masks. The
+baselines of ``training.segmentation.baselines`` chosen by ``--baselines`` (default all) run on the same images.
 
 Writes ``OUTDIR/report.json`` (``n_images``; ``methods`` -> ``unet`` and each baseline (``otsu``, ``kmeans``,
 ``region_growing``, ...) -> ``dice``, ``iou``, ``hd95``, ``per_class_dice``, ``seconds_per_image``, ``rank``
@@ -236,6 +239,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             flips=meta.tta_flips,
             device=device,
             batch_size=args.batch_size,
+            spec=spec,
+            original_sizes=[im.shape[:2] for im in data.images[i : i + CHUNK]],
         )
     seconds = {"unet": time.perf_counter() - unet_started}
     order = baselines.class_intensity_order(data.images, targets, k)
@@ -286,10 +291,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tta = f"flip TTA over {' and '.join(meta.tta_flips)} flips (those of training)"
     else:
         tta = "flip TTA off (the model was trained without flips)"
-    settings = (
-        f"Prediction at full resolution with {spec.img_size[0]}x{spec.img_size[1]} tiles, overlap {overlap:.2f}, "
-        f"{tta}; {time.monotonic() - started:.0f} s on {device}."
-    )
+    if spec.working_size is not None:
+        scale = (
+            f"Prediction at the {spec.working_size[0]}x{spec.working_size[1]} working size (every image fitted, "
+            f"aspect kept) in {spec.img_size[0]}x{spec.img_size[1]} windows, masks mapped back to each image's "
+            "size and scored there"
+        )
+    else:
+        scale = f"Prediction at full resolution with {spec.img_size[0]}x{spec.img_size[1]} tiles"
+    settings = f"{scale}, overlap {overlap:.2f}, {tta}; {time.monotonic() - started:.0f} s on {device}."
     write_markdown(out / "report.md", report, meta, Path(args.model), Path(args.data), settings, scores)
     if args.interactive > 0:
         probabilities = interactive.foreground_probabilities(

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from models.checkpoint import Architecture, CheckpointMetadata, save_checkpoint
 from models.imageio import resolve_intensity
-from models.preprocessing import Preprocessing, prepare
+from models.preprocessing import Preprocessing, fit_mask, prepare
 from models.unet import NORMS, UPSAMPLES, UNet
 from training.common.distributed import Dist, gather, init_distributed, sync_buffers
 from training.common.options import add_device_argument, add_intensity_argument, json_args, parse_size
@@ -44,6 +44,7 @@ from training.common.state import (
     training_state,
 )
 from training.segmentation import data as D
+from training.segmentation import planning
 from training.segmentation.engine import evaluate, train_one_epoch
 from training.segmentation.losses import DiceCELoss
 from training.segmentation.metrics import ImageScores, aggregate
@@ -68,6 +69,14 @@ def parse_channels(text: str) -> tuple[int, ...]:
     return channels
 
 
+def parse_target_size(text: str) -> tuple[int, ...]:
+    """``--target-size``: ``"256"`` -> (256,) (the long side); ``"256x320"`` -> (256, 320) (height x width)."""
+    if "x" in text.lower() or "," in text:
+        return parse_size(text)
+    (size,) = parse_size(text)[:1]
+    return (size,)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="folder with images/ and masks/ (and val/)")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint file to write (*.pt)")
@@ -75,11 +84,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--img-size",
         type=parse_size,
-        default=(256, 256),
-        help="training crop N or HxW; also the inference tile",
+        default=None,
+        help="training crop N or HxW; also the inference tile (default: planned; 256 at native scale, the "
+        "working size with --scale fit when it fits the device)",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=4, help="crops per step and per process (default 4)"
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"crops per step and per process (default {planning.DEFAULT_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--scale",
+        choices=planning.SCALES,
+        default="auto",
+        help="native: keep the pixel scale, train on crops and tile at inference; fit: resize every image "
+        "(aspect kept, padded) to a working size and map masks back; auto (default): plan from the data set's "
+        "image and structure sizes and the device (docs: 'Working scale')",
+    )
+    parser.add_argument(
+        "--target-size",
+        type=parse_target_size,
+        default=None,
+        help="working size with --scale fit (or auto choosing fit): the long side N or HxW (default: planned, "
+        "256 on a CPU and 512 on CUDA)",
     )
     parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default 2e-3)")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
@@ -149,7 +177,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--samples-per-epoch",
         type=int,
         default=0,
-        help="random crops per epoch (0 = cover the training pixels once)",
+        help="random crops per epoch (0 = planned: at native scale enough to cover the training pixels once, "
+        "at most 4 per image; with fit one per training image)",
     )
     parser.add_argument(
         "--tile-overlap", type=float, default=0.25, help="overlap of inference tiles (stored)"
@@ -183,6 +212,7 @@ class Prepared:
     fingerprint: str
     train_targets: list[np.ndarray] = field(default_factory=list)
     val_targets: list[np.ndarray] = field(default_factory=list)
+    plan: planning.Plan | None = None
 
 
 def class_names(raw: Sequence[str] | None) -> list[str] | None:
@@ -194,8 +224,9 @@ def class_names(raw: Sequence[str] | None) -> list[str] | None:
     return names
 
 
-def prepare_data(args: argparse.Namespace) -> Prepared:
-    """Loads and checks all data, splits it, and derives classes and the preprocessing spec."""
+def prepare_data(args: argparse.Namespace, device_type: str = "cpu", world: int = 1) -> Prepared:
+    """Loads and checks all data, splits it, derives classes, plans the scale (``planning``) and the
+    preprocessing spec for training on ``world`` processes of ``device_type``."""
     root = Path(args.data)
     # Namespaces built by callers without --intensity (library use) get the default policy.
     intensity = resolve_intensity(getattr(args, "intensity", None))
@@ -208,10 +239,25 @@ def prepare_data(args: argparse.Namespace) -> Prepared:
     mode, classes = D.resolve_classes(train.masks + val.masks, class_names(args.classes))
     in_channels = D.infer_channels(train.images + val.images)
     mean, std = D.intensity_stats(train.images, in_channels)
+    train_targets = [D.encode_mask(m, mode) for m in train.masks]
+    val_targets = [D.encode_mask(m, mode) for m in val.masks]
+    # Library callers' namespaces may lack the planning options: they get the defaults.
+    the_plan = planning.plan(
+        planning.fingerprint(train.images + val.images, train_targets + val_targets, classes, in_channels),
+        [im.shape[:2] for im in train.images],
+        device=device_type,
+        scale=getattr(args, "scale", "auto"),
+        target_size=getattr(args, "target_size", None),
+        img_size=getattr(args, "img_size", None),
+        batch_size=getattr(args, "batch_size", None),
+        samples_per_epoch=getattr(args, "samples_per_epoch", 0),
+        world=world,
+    )
     spec = Preprocessing(
         in_channels=in_channels,
-        img_size=tuple(args.img_size),
-        resize="tile",
+        img_size=the_plan.patch_size,
+        resize="fit" if the_plan.scale == "fit" else "tile",
+        working_size=the_plan.working_size,
         mean=mean,
         std=std,
         tile_overlap=args.tile_overlap,
@@ -224,8 +270,9 @@ def prepare_data(args: argparse.Namespace) -> Prepared:
         mode,
         spec,
         D.fingerprint(train.image_paths + train.mask_paths + val.image_paths + val.mask_paths),
-        [D.encode_mask(m, mode) for m in train.masks],
-        [D.encode_mask(m, mode) for m in val.masks],
+        train_targets,
+        val_targets,
+        the_plan,
     )
 
 
@@ -251,7 +298,8 @@ def check_args(args: argparse.Namespace) -> None:
     if Path(args.out).suffix != ".pt":
         raise ValueError(f"--out must name a .pt checkpoint file, got {args.out}")
     for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
+        value = getattr(args, name)
+        if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.lr <= 0:
         raise ValueError("--lr must be > 0")
@@ -306,7 +354,11 @@ def run(args: argparse.Namespace) -> TrainResult:
 def _run(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainResult:
     started = time.monotonic()
     out = Path(args.out)
-    data = prepare_data(args)
+    data = prepare_data(args, device.type, info.world)
+    plan = data.plan
+    assert plan is not None
+    # The planned values are recorded in the checkpoint's training arguments, as given ones are.
+    args.img_size, args.batch_size = plan.patch_size, plan.batch_size
     k = len(data.classes)
     seed_everything(args.seed)
     arch_args = {
@@ -327,10 +379,15 @@ def _run(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainRes
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     augment = build_augment(args, data.spec.img_size)
-    samples = args.samples_per_epoch or D.default_samples_per_epoch(data.train.images, data.spec.img_size)
-    samples = max(samples, args.batch_size * info.world)
+    samples = plan.samples_per_epoch
+    train_images, train_targets = data.train.images, data.train_targets
+    val_targets = data.val_targets
+    if data.spec.working_size is not None:
+        # fit: every image and mask is fitted to the working size once; crops and validation work there.
+        train_images, train_targets = D.fit_pairs(train_images, train_targets, data.spec.working_size)
+        val_targets = [fit_mask(t, data.spec.working_size) for t in val_targets]
     dataset = D.SegmentationDataset(
-        data.train.images, data.train_targets, data.spec, augment, samples_per_epoch=samples, seed=args.seed
+        train_images, train_targets, data.spec, augment, samples_per_epoch=samples, seed=args.seed
     )
     generator = torch.Generator()
     sampler: DistributedSampler[Any] | RandomSampler
@@ -349,7 +406,7 @@ def _run(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainRes
         drop_last=True,
         pin_memory=device.type == "cuda",
     )
-    steps_per_epoch = len(loader)
+    steps_per_epoch = plan.steps_per_epoch = len(loader)
     criterion = DiceCELoss(args.dice_weight, args.ce_weight).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total_steps = steps_per_epoch * args.epochs
@@ -378,6 +435,7 @@ def _run(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainRes
     shard = list(range(info.rank, len(val_images), info.world))
     metadata: CheckpointMetadata | None = None
     if info.main:
+        log.info("plan:\n%s", planning.describe(plan.as_json()))
         log.info(
             "training on %d images (%d crops/epoch, %d steps/epoch), validating on %d; classes %s; device %s x%d",
             len(data.train),
@@ -423,7 +481,7 @@ def _run(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainRes
             scores: list[ImageScores] = evaluate(
                 evaluated,
                 [val_images[i] for i in shard],
-                [data.val_targets[i] for i in shard],
+                [val_targets[i] for i in shard],
                 k,
                 data.spec.img_size,
                 overlap=data.spec.tile_overlap,
@@ -497,6 +555,8 @@ def checkpoint_metadata(
         "mask_values": [0, 255] if data.mode == "binary" else list(range(len(data.classes))),
         "tta_flips": flips,
     }
+    if data.plan is not None:
+        extra["plan"] = data.plan.as_json()
     if len(data.train) + len(data.val) <= 2000:
         extra["split"] = {"train": data.train.stems, "val": data.val.stems}
     return CheckpointMetadata(
