@@ -41,7 +41,7 @@ def add_intensity_argument(group: ArgumentContainer) -> None:
         choices=sorted(INTENSITY_POLICIES),
         default=DEFAULT_INTENSITY,
         help="how image samples map to [0, 1], stored and reapplied when serving: dicom-window (default: "
-        "DICOM VOI LUT/window when present) or ignore-window (DICOM min-max like 16-bit PNG); README section 'Image formats'",
+        "DICOM VOI LUT/window when present) or ignore-window (DICOM min-max like 16-bit PNG); docs/image-formats.md",
     )
 
 

@@ -166,7 +166,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="random vertical flips (default off: X-rays have an up and a down, and flips hide a consistent "
-        "sub-pixel offset of the masks from the model; README 'Flips and mask offsets')",
+        "sub-pixel offset of the masks from the model; docs/experiments/isbi.md)",
     )
     parser.add_argument(
         "--elastic-sigma", type=float, default=10.0, help="elastic displacement std in pixels (0 = off)"
