@@ -7,6 +7,7 @@ backed by a file this script wrote. It prints a table of the methods' scores.
 
     python benchmarks/accuracy.py demo-phantoms           # about 3 minutes on a 2-core CPU
     python benchmarks/accuracy.py isbi                    # ../shared/datasets (or --datasets DIR); ~16-25 min
+    python benchmarks/accuracy.py chest-phantoms          # 70 + 30 large mixed-size phantoms, all defaults
     python benchmarks/accuracy.py pneumonia               # 14 epochs, about 75 minutes on a 2-core CPU
     python benchmarks/accuracy.py isbi --reuse            # evaluate the run folder's checkpoint again
 
@@ -59,6 +60,31 @@ def demo_phantoms(run: Path, datasets: Path) -> Plan:
             "segment",
             "--model",
             str(models / "dental.pt"),
+            "--data",
+            str(test),
+            "--out",
+            str(run / "eval"),
+        ],
+    )
+
+
+def chest_phantoms(run: Path, datasets: Path) -> Plan:
+    """Large, mixed-resolution chest phantoms (``medserve synth chest``): all training defaults (``--scale auto``)."""
+    train, test, checkpoint = run / "train", run / "test", run / "chest.pt"
+
+    def synthesise() -> None:
+        _medserve(["synth", "chest", "--out", str(train), "--n", "70", "--seed", "0"])
+        _medserve(["synth", "chest", "--out", str(test), "--n", "30", "--seed", "1"])
+
+    return Plan(
+        checkpoint=checkpoint,
+        prepare=synthesise,
+        train=["train", "segment", "--data", str(train), "--out", str(checkpoint)],
+        evaluate=[
+            "eval",
+            "segment",
+            "--model",
+            str(checkpoint),
             "--data",
             str(test),
             "--out",
@@ -133,6 +159,7 @@ def pneumonia(run: Path, datasets: Path) -> Plan:
 
 
 EXPERIMENTS: dict[str, Callable[[Path, Path], Plan]] = {
+    "chest-phantoms": chest_phantoms,
     "demo-phantoms": demo_phantoms,
     "isbi": isbi,
     "pneumonia": pneumonia,
