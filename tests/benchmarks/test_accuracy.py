@@ -48,3 +48,16 @@ def test_isbi_split_links_slices_0_to_23_for_training_and_24_to_29_for_testing(t
     assert train == list(range(24)) and test == list(range(24, 30))
     assert (tmp_path / "run/data/test/masks/29.png").resolve() == (source / "masks/29.png").resolve()
     assert plan.evaluate[:2] == ["eval", "segment"] and "--epochs" in plan.train
+
+
+def test_the_chest_phantom_experiment_trains_with_nothing_but_data_and_out(tmp_path):
+    plan = accuracy.chest_phantoms(tmp_path / "run", tmp_path / "datasets")
+    assert plan.train == [
+        "train",
+        "segment",
+        "--data",
+        str(tmp_path / "run/train"),
+        "--out",
+        str(plan.checkpoint),
+    ]
+    assert plan.evaluate[plan.evaluate.index("--data") + 1] == str(tmp_path / "run/test")
