@@ -13,7 +13,7 @@ same run it measures:
 
 and prints the ratios the service is judged by: served throughput / raw throughput at the highest concurrency,
 p50 latency at concurrency 1 minus the raw single-image time, and batching on / off. Results are written as JSON
-under ``benchmarks/results/`` (git-ignored).
+under ``benchmarks/results/`` (server logs beside it are git-ignored).
 
 Usage::
 
