@@ -176,11 +176,11 @@ def _medserve(words: list[str]) -> float:
 def summary(report: dict[str, Any]) -> dict[str, Any]:
     """The scores of every method of an evaluation report (segmentation or classification)."""
     if "methods" in report:  # medserve eval segment
-        keys = ("dice", "iou", "hd95", "per_class_dice")
+        keys = ("dice", "iou", "hd95", "per_class_dice", "seconds_per_image", "rank", "beaten_by_unet")
         return {
             name: {k: scores[k] for k in keys if k in scores} for name, scores in report["methods"].items()
         }
-    keys = ("accuracy", "balanced_accuracy", "auc", "ece")  # medserve eval classify
+    keys = ("accuracy", "balanced_accuracy", "auc", "ece", "seconds")  # medserve eval classify
     methods = {"cnn": {k: report[k] for k in keys if k in report}}
     for name, scores in report.get("baselines", {}).items():
         methods[name] = {k: scores[k] for k in keys if k in scores}
@@ -239,9 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     run.mkdir(parents=True, exist_ok=True)
     plan = EXPERIMENTS[args.experiment](run, args.datasets)
     plan.prepare()
+    out = args.out or RESULTS / f"accuracy_{args.experiment}.json"
     seconds: dict[str, float | None] = {"train": None}
     if not (args.reuse and plan.checkpoint.exists()):
         seconds["train"] = _medserve(plan.train)
+    elif out.exists():  # evaluated again: the training record of the same checkpoint stays
+        seconds["train"] = json.loads(out.read_text())["seconds"]["train"]
     seconds["evaluate"] = _medserve(plan.evaluate)
     report = json.loads((run / "eval" / "report.json").read_text())
     result = {
@@ -256,7 +259,6 @@ def main(argv: list[str] | None = None) -> int:
         "n_images": report.get("n_images"),
         "methods": summary(report),
     }
-    out = args.out or RESULTS / f"accuracy_{args.experiment}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     # Paths are written relative to the checkout so the committed file names no machine.
     text = (

@@ -11,13 +11,13 @@ def test_segmentation_summary_keeps_every_method_and_its_scores():
         "n_images": 2,
         "methods": {
             "unet": {"dice": 0.9, "iou": 0.8, "hd95": 3.0, "per_class_dice": {"teeth": 0.9}, "seconds": 1.0},
-            "otsu": {"dice": 0.6, "iou": 0.4, "hd95": 30.0, "per_class_dice": {"teeth": 0.6}},
+            "otsu": {"dice": 0.6, "iou": 0.4, "hd95": 30.0, "per_class_dice": {"teeth": 0.6}, "rank": 2},
         },
     }
     methods = accuracy.summary(report)
     assert methods == {
         "unet": {"dice": 0.9, "iou": 0.8, "hd95": 3.0, "per_class_dice": {"teeth": 0.9}},
-        "otsu": {"dice": 0.6, "iou": 0.4, "hd95": 30.0, "per_class_dice": {"teeth": 0.6}},
+        "otsu": {"dice": 0.6, "iou": 0.4, "hd95": 30.0, "per_class_dice": {"teeth": 0.6}, "rank": 2},
     }
 
 
