@@ -46,6 +46,11 @@ class Plan:
     prepare: Callable[[], object] = lambda: None
 
 
+def eval_segment(checkpoint: Path, data: Path, out: Path) -> list[str]:
+    """The ``medserve eval segment`` words of a segmentation experiment."""
+    return ["eval", "segment", "--model", str(checkpoint), "--data", str(data), "--out", str(out)]
+
+
 def demo_phantoms(run: Path, datasets: Path) -> Plan:
     """The demo U-Net (``medserve demo``) on 16 new dental phantoms, against the classical baselines."""
     models, test = run / "models", run / "test"
@@ -55,16 +60,7 @@ def demo_phantoms(run: Path, datasets: Path) -> Plan:
             ["synth", "dental", "--out", str(test), "--n", "16", "--size", "192", "--seed", "1"]
         ),
         train=["demo", "--model-dir", str(models)],
-        evaluate=[
-            "eval",
-            "segment",
-            "--model",
-            str(models / "dental.pt"),
-            "--data",
-            str(test),
-            "--out",
-            str(run / "eval"),
-        ],
+        evaluate=eval_segment(models / "dental.pt", test, run / "eval"),
     )
 
 
@@ -73,23 +69,15 @@ def chest_phantoms(run: Path, datasets: Path) -> Plan:
     train, test, checkpoint = run / "train", run / "test", run / "chest.pt"
 
     def synthesise() -> None:
-        _medserve(["synth", "chest", "--out", str(train), "--n", "70", "--seed", "0"])
-        _medserve(["synth", "chest", "--out", str(test), "--n", "30", "--seed", "1"])
+        for folder, n, seed in ((train, "70", "0"), (test, "30", "1")):
+            if not (folder / "images").is_dir():  # kept by --reuse: the phantoms are deterministic
+                _medserve(["synth", "chest", "--out", str(folder), "--n", n, "--seed", seed])
 
     return Plan(
         checkpoint=checkpoint,
         prepare=synthesise,
         train=["train", "segment", "--data", str(train), "--out", str(checkpoint)],
-        evaluate=[
-            "eval",
-            "segment",
-            "--model",
-            str(checkpoint),
-            "--data",
-            str(test),
-            "--out",
-            str(run / "eval"),
-        ],
+        evaluate=eval_segment(checkpoint, test, run / "eval"),
     )
 
 
@@ -122,16 +110,7 @@ def isbi(run: Path, datasets: Path) -> Plan:
             "--epochs",
             "36",
         ],
-        evaluate=[
-            "eval",
-            "segment",
-            "--model",
-            str(checkpoint),
-            "--data",
-            str(run / "data" / "test"),
-            "--out",
-            str(run / "eval"),
-        ],
+        evaluate=eval_segment(checkpoint, run / "data" / "test", run / "eval"),
     )
 
 
@@ -176,7 +155,15 @@ def _medserve(words: list[str]) -> float:
 def summary(report: dict[str, Any]) -> dict[str, Any]:
     """The scores of every method of an evaluation report (segmentation or classification)."""
     if "methods" in report:  # medserve eval segment
-        keys = ("dice", "iou", "hd95", "per_class_dice", "seconds_per_image", "rank", "beaten_by_unet")
+        keys: tuple[str, ...] = (
+            "dice",
+            "iou",
+            "hd95",
+            "per_class_dice",
+            "seconds_per_image",
+            "rank",
+            "beaten_by_unet",
+        )
         return {
             name: {k: scores[k] for k in keys if k in scores} for name, scores in report["methods"].items()
         }
