@@ -63,7 +63,7 @@ def train_one_epoch(
     return {"train_loss": float(total[0] / total[1].clamp(min=1))}
 
 
-def predict_labels(
+def predict_probabilities(
     model: nn.Module,
     images: Sequence[torch.Tensor],
     tile: Sequence[int],
@@ -76,12 +76,13 @@ def predict_labels(
     precision: Precision = "fp32",
     spec: Preprocessing | None = None,
     original_sizes: Sequence[tuple[int, int]] | None = None,
-) -> list[np.ndarray]:
-    """Label maps for normalised (C, H, W) images by tiled prediction (windows of all images pooled).
+) -> list[torch.Tensor]:
+    """Class probabilities (K, H, W) for normalised (C, H, W) images by tiled prediction (windows of all images
+    pooled).
 
-    With ``spec`` and ``original_sizes`` the scores are first mapped back to each image's original (H, W) by
+    With ``spec`` and ``original_sizes`` the probabilities are mapped back to each image's original (H, W) by
     ``models.preprocessing.to_original_size`` (the padding of ``resize="fit"`` cut off, then resized), as the
-    service does; otherwise the maps have the size of ``images``.
+    service does; otherwise they have the size of ``images``.
     """
     if not images:
         return []
@@ -99,6 +100,37 @@ def predict_labels(
     )
     if spec is not None and original_sizes is not None:
         probs = [to_original_size(p, h, w, spec) for p, (h, w) in zip(probs, original_sizes, strict=True)]
+    return probs
+
+
+def predict_labels(
+    model: nn.Module,
+    images: Sequence[torch.Tensor],
+    tile: Sequence[int],
+    *,
+    overlap: float,
+    tta: bool,
+    device: torch.device,
+    flips: Sequence[str] = FLIPS,
+    batch_size: int = 8,
+    precision: Precision = "fp32",
+    spec: Preprocessing | None = None,
+    original_sizes: Sequence[tuple[int, int]] | None = None,
+) -> list[np.ndarray]:
+    """Label maps (the arg-max of ``predict_probabilities``, same arguments)."""
+    probs = predict_probabilities(
+        model,
+        images,
+        tile,
+        overlap=overlap,
+        tta=tta,
+        device=device,
+        flips=flips,
+        batch_size=batch_size,
+        precision=precision,
+        spec=spec,
+        original_sizes=original_sizes,
+    )
     return [p.argmax(dim=0).numpy() for p in probs]
 
 

@@ -34,7 +34,7 @@ from models.inference import resolve_device
 from models.preprocessing import prepare
 from training.segmentation import baselines, interactive
 from training.segmentation import data as D
-from training.segmentation.engine import predict_labels
+from training.segmentation.engine import predict_probabilities
 from training.segmentation.metrics import ImageScores, aggregate, score_image
 from training.segmentation.overlays import save_overlay
 
@@ -227,10 +227,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     overlap = spec.tile_overlap if args.overlap is None else args.overlap
 
     unet_preds: list[np.ndarray] = []
+    # The U-Net's probability of the corrected class, kept from the same pass for --interactive.
+    foreground_probabilities: list[np.ndarray] = []
     unet_started = time.perf_counter()
     for i in range(0, len(data), CHUNK):
         tensors = [prepare(im, spec) for im in data.images[i : i + CHUNK]]
-        unet_preds += predict_labels(
+        probs = predict_probabilities(
             model,
             tensors,
             spec.img_size,
@@ -242,6 +244,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             spec=spec,
             original_sizes=[im.shape[:2] for im in data.images[i : i + CHUNK]],
         )
+        unet_preds += [p.argmax(dim=0).numpy() for p in probs]
+        if args.interactive > 0:
+            foreground_probabilities += [p[interactive.FOREGROUND_CLASS].numpy() for p in probs]
     seconds = {"unet": time.perf_counter() - unet_started}
     order = baselines.class_intensity_order(data.images, targets, k)
     preds: dict[str, list[np.ndarray]] = {"unet": unet_preds}
@@ -302,11 +307,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = f"{scale}, overlap {overlap:.2f}, {tta}; {time.monotonic() - started:.0f} s on {device}."
     write_markdown(out / "report.md", report, meta, Path(args.model), Path(args.data), settings, scores)
     if args.interactive > 0:
-        probabilities = interactive.foreground_probabilities(
-            model, data.images, meta, overlap=overlap, tta=args.tta, device=device, batch_size=args.batch_size
-        )
         report["interactive"] = interactive.evaluate_clicks(
-            data.images, targets, probabilities, meta.classes, clicks=args.interactive
+            data.images, targets, foreground_probabilities, meta.classes, clicks=args.interactive
         )
         interactive.write_report(out, report)
     return report

@@ -22,12 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from scipy import ndimage
-from torch import nn
 
-from models.checkpoint import CheckpointMetadata
-from models.inference import Precision, segment_probabilities
 from models.interactive import (
     BACKGROUND,
     DEFAULT_RADIUS,
@@ -36,7 +32,6 @@ from models.interactive import (
     draw_points,
     graph_cut,
 )
-from models.preprocessing import prepare, to_original_size
 from training.segmentation.metrics import dice_per_class
 
 FOREGROUND_CLASS = 1
@@ -111,37 +106,6 @@ def simulate_clicks(
     return dice
 
 
-def foreground_probabilities(
-    model: nn.Module,
-    images: Sequence[np.ndarray],
-    meta: CheckpointMetadata,
-    *,
-    overlap: float,
-    tta: bool,
-    device: torch.device,
-    batch_size: int = 8,
-    precision: Precision = "fp32",
-) -> list[np.ndarray]:
-    """The model's probability of ``FOREGROUND_CLASS`` per image (H, W), at each image's original size."""
-    spec = meta.preprocessing
-    out = []
-    for image in images:
-        (probs,) = segment_probabilities(
-            model,
-            [prepare(image, spec)],
-            spec.img_size,
-            overlap=overlap,
-            batch_size=batch_size,
-            tta=tta,
-            flips=meta.tta_flips,
-            device=device,
-            precision=precision,
-        )
-        height, width = image.shape[:2]
-        out.append(to_original_size(probs, height, width, spec)[FOREGROUND_CLASS].numpy())
-    return out
-
-
 def evaluate_clicks(
     images: Sequence[np.ndarray],
     targets: Sequence[np.ndarray],
@@ -153,9 +117,9 @@ def evaluate_clicks(
 ) -> dict[str, Any]:
     """The ``interactive`` entry of report.json: mean Dice over images after click 1..K, per run.
 
-    ``targets`` are class-index masks, ``probabilities`` the U-Net's of ``FOREGROUND_CLASS`` per image
-    (``foreground_probabilities``). ``unet`` is the U-Net's own Dice on that class (no click), the starting
-    point of ``unet_graph_cut``.
+    ``targets`` are class-index masks, ``probabilities`` the U-Net's of ``FOREGROUND_CLASS`` per image at its
+    original size (``medserve eval segment`` keeps them from its prediction pass). ``unet`` is the U-Net's own
+    Dice on that class (no click), the starting point of ``unet_graph_cut``.
     """
     alone, refined, unet = [], [], []
     for image, target_map, probability in zip(images, targets, probabilities, strict=True):
