@@ -118,8 +118,8 @@ def _class_error(message: str) -> dict[str, object]:
 
 def cut_from_hints(item: ModelInput, hints: np.ndarray) -> np.ndarray:
     """The graph cut from the hints alone: the (H, W) mask, 1 foreground, 0 background."""
-    assert item.pixels is not None, "decode_for_graph_cut keeps the pixels"
-    return graph_cut(item.pixels, hints).astype(np.uint8)
+    # ``image`` is the gray image decode_for_graph_cut made: the cut need not convert the pixels again.
+    return graph_cut(item.image[0].numpy(), hints).astype(np.uint8)
 
 
 def refine_prediction(
