@@ -27,6 +27,7 @@ from PIL import Image
 from models.checkpoint import Architecture, CheckpointMetadata, save_checkpoint
 from models.preprocessing import Preprocessing
 from models.unet import UNet
+from tests.components import missing
 from tests.deploy.helpers import (
     NGINX_CONF,
     Service,
@@ -86,7 +87,7 @@ def replicas(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 def nginx(replicas: list[Service], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     binary, reason = install_nginx()
     if binary is None:
-        pytest.skip(f"scale-out test needs nginx: {reason}")
+        missing("nginx", reason)
     workdir = tmp_path_factory.mktemp("nginx")
     port = free_port()
     conf = workdir / "medserve.conf"
