@@ -3,14 +3,20 @@
 A result's SOP Instance UID is an OID under ``2.25.`` (a UUID as a decimal integer, PS3.5 B.2) derived from the
 source SOP Instance UID, the model version and the output kind (``seg``, ``sr``); its series UID from the source
 series, the model and its version and the kind, so that every result of one model for one source series lands in
-one new series. pydicom's ``generate_uid`` does the derivation (SHA-512 of the parts, as UUID bits).
+one new series. The UUID is a name-based (version 5) UUID of the parts, in a namespace of MedServe's own.
 """
 
 from __future__ import annotations
 
-from pydicom.uid import generate_uid
+import uuid
 
 RESULT_KINDS = ("seg", "sr")
+# Fixed for ever: changing it would give every result a new UID, and archives would hold duplicates.
+MEDSERVE_NAMESPACE = uuid.UUID("5b0c3a9e-7f1d-5e2a-9c4b-6d8e0f1a2b3c")
+
+
+def _derived_uid(*parts: str) -> str:
+    return "2.25." + str(uuid.uuid5(MEDSERVE_NAMESPACE, "\x1f".join(parts)).int)
 
 
 def _check_kind(kind: str) -> None:
@@ -41,8 +47,4 @@ def result_series_uid(source_series_instance_uid: str, model_name: str, model_ve
     _check_kind(kind)
     if not source_series_instance_uid or not model_name or not model_version:
         raise ValueError("a result series UID needs the source series UID, the model name and its version")
-    return str(
-        generate_uid(
-            prefix=None, entropy_srcs=["series", source_series_instance_uid, model_name, model_version, kind]
-        )
-    )
+    return _derived_uid("series", source_series_instance_uid, model_name, model_version, kind)
