@@ -33,9 +33,7 @@ def result_instance_uid(source_sop_instance_uid: str, model_version: str, kind: 
     _check_kind(kind)
     if not source_sop_instance_uid or not model_version:
         raise ValueError("a result UID needs the source SOP Instance UID and the model version")
-    return str(
-        generate_uid(prefix=None, entropy_srcs=["instance", source_sop_instance_uid, model_version, kind])
-    )
+    return _derived_uid("instance", source_sop_instance_uid, model_version, kind)
 
 
 def result_series_uid(source_series_instance_uid: str, model_name: str, model_version: str, kind: str) -> str:
