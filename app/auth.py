@@ -8,7 +8,8 @@ key's length leaks through timing, and no early exit reveals which key matched).
 
 Open without a key: ``/health/live`` and ``/health/ready`` (probes), the API description (``/docs``,
 ``/redoc``, ``/openapi.json``) and the problem-type pages (``/problems/...``) unless ``MEDSERVE_DOCS_AUTH`` is
-true, and ``/metrics`` when ``MEDSERVE_METRICS_AUTH`` is false. Everything else, unknown paths included, needs
+true, ``/metrics`` when ``MEDSERVE_METRICS_AUTH`` is false, and always the viewer page (``/``) and its assets
+(``/viewer/...``): they hold no data, and the page asks for the key itself. Everything else, unknown paths included, needs
 a key: a caller without one learns nothing, not even which endpoints exist.
 
 Refusals are 401 ``application/problem+json`` (``/problems/unauthorized``) with ``WWW-Authenticate``; the
@@ -47,6 +48,8 @@ HEALTH_PATHS = frozenset({"/health/live", "/health/ready"})
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 PROBLEMS_PREFIX = "/problems/"
 METRICS_PATH = "/metrics"
+VIEWER_PAGE = "/"  # the viewer (app.viewer) and its assets: no data in them, so open whatever the policy
+VIEWER_PREFIX = "/viewer/"
 WWW_AUTHENTICATE = 'Bearer realm="medserve", charset="UTF-8"'
 
 
@@ -182,7 +185,7 @@ class AccessPolicy:
             return cls()
 
     def is_open(self, path: str) -> bool:
-        if path in HEALTH_PATHS:
+        if path in HEALTH_PATHS or path == VIEWER_PAGE or path.startswith(VIEWER_PREFIX):
             return True
         if path in DOCS_PATHS or path.startswith(PROBLEMS_PREFIX):
             return self.docs_open

@@ -7,7 +7,7 @@ batcher after it has run what it accepted, then the thread pool.
 
 Around the routes (outermost first): ``RequestContext`` (request id, access log, metrics), ``ApiKeyAuth``
 (optional API keys), ``BodySizeLimit`` (``MAX_UPLOAD_BYTES`` while the body is read). ``GET /metrics`` comes
-from ``app.metrics``.
+from ``app.metrics``; ``GET /`` (the viewer page) and ``GET /viewer/{name}`` from ``app.viewer``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from app.registry import ModelRegistry
 from app.routes import image_router, router
 from app.settings import Settings, SettingsError, check_runtime, env_name, load_settings
 from app.uploads import BodySizeLimit
+from app.viewer import viewer_router
 from models import __version__
 from models.inference import resolve_device
 
@@ -149,6 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.declared_access_policy = policy
     for routes in (image_router(), router, metrics_router):  # the image routes follow the output formats
         include_routes(app, routes, policy)
+    include_routes(app, viewer_router(), policy)  # GET /: the viewer page (open, see app.auth)
     return app
 
 
