@@ -288,6 +288,27 @@ def test_classification_shows_the_probabilities_as_bars_that_sum_to_100_percent(
     assert_fits_the_window(page)
 
 
+def test_dropping_a_file_on_the_page_analyses_it(page: Any, service: Service) -> None:
+    png = encode_image(render_lesion(np.random.default_rng(12), 64, malignant=False))
+    open_viewer(page, service)
+    page.get_by_label("Model", exact=True).select_option("lesion")
+    transfer = page.evaluate_handle(
+        """(data) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "dropped.png", { type: "image/png" }));
+            return transfer;
+        }""",
+        base64.b64encode(png).decode(),
+    )
+    page.dispatch_event("#result", "dragover", {"dataTransfer": transfer})
+    assert "dragging" in (page.locator("#dropzone").get_attribute("class") or "")
+    page.dispatch_event("#result", "drop", {"dataTransfer": transfer})
+    page.locator("#classification").wait_for()
+    assert page.locator("#bars li").count() == 2
+    assert "dragging" not in (page.locator("#dropzone").get_attribute("class") or "")
+
+
 # -- errors and the API key -----------------------------------------------------------------------------------
 
 

@@ -103,6 +103,7 @@ function askForKey(error, retry) {
     ? `The API key was not accepted (${error.detail}). Enter a valid key.`
     : "This service needs an API key. Enter it to continue.";
   state.retry = retry;
+  if (state.models.length === 0) el.model.options[0].textContent = "Enter the API key to list the models";
   el.keyForm.hidden = false;
   setStatus("Waiting for an API key.");
   el.keyInput.focus();
