@@ -288,6 +288,19 @@ def test_classification_shows_the_probabilities_as_bars_that_sum_to_100_percent(
     assert_fits_the_window(page)
 
 
+def test_a_dicom_classification_shows_the_bars_and_says_why_there_is_no_image(
+    page: Any, service: Service
+) -> None:
+    lesion = render_lesion(np.random.default_rng(13), 64, malignant=False)
+    open_viewer(page, service)
+    page.get_by_label("Model", exact=True).select_option("lesion")
+    upload(page, "lesion.dcm", "application/dicom", make_dicom(lesion, bits_stored=8))
+    page.locator("#classification").wait_for()
+    assert page.locator("#bars li").count() == 2
+    assert page.locator("#no-preview").is_visible()
+    assert not page.locator("#image-canvas").is_visible()
+
+
 def test_dropping_a_file_on_the_page_analyses_it(page: Any, service: Service) -> None:
     png = encode_image(render_lesion(np.random.default_rng(12), 64, malignant=False))
     open_viewer(page, service)
