@@ -6,7 +6,8 @@ Keys come from ``MEDSERVE_API_KEYS`` (comma-separated) and/or ``MEDSERVE_API_KEY
 (``hmac.compare_digest`` over SHA-256 digests, so neither the position of the first wrong character nor the
 key's length leaks through timing, and no early exit reveals which key matched).
 
-Open without a key: ``/health/live`` and ``/health/ready`` (probes), the API description (``/docs``,
+Open without a key: ``/health/live`` and ``/health/ready`` (probes, and their Open Inference Protocol twins
+``/v2/health/live`` and ``/v2/health/ready``), the API description (``/docs``,
 ``/redoc``, ``/openapi.json``) and the problem-type pages (``/problems/...``) unless ``MEDSERVE_DOCS_AUTH`` is
 true, ``/metrics`` when ``MEDSERVE_METRICS_AUTH`` is false, and always the viewer page (``/``) and its assets
 (``/viewer/...``): they hold no data, and the page asks for the key itself. Everything else, unknown paths included, needs
@@ -44,7 +45,7 @@ MIN_KEY_LENGTH = 16
 _KEY_CHARS = re.compile(r"^[\x21-\x2b\x2d-\x7e]+$")
 _BEARER = re.compile(r"^bearer[ \t]+(\S+)[ \t]*$", re.IGNORECASE)
 
-HEALTH_PATHS = frozenset({"/health/live", "/health/ready"})
+HEALTH_PATHS = frozenset({"/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"})
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 PROBLEMS_PREFIX = "/problems/"
 METRICS_PATH = "/metrics"
@@ -229,14 +230,14 @@ class ApiKeyAuth:
                 await self.app(scope, receive, send)
             else:
                 starting = NotReady("the service is starting", headers=retry_after(5))
-                await problem_response(starting)(scope, receive, send)
+                await problem_response(starting, path=path)(scope, receive, send)
             return
         keys: ApiKeys | None = getattr(state, "api_keys", None)
         problem = None if keys is None or policy.is_open(path) else refusal(keys, scope.get("headers", []))
         if problem is None:
             await self.app(scope, receive, send)
         else:
-            await problem_response(problem)(scope, receive, send)
+            await problem_response(problem, path=path)(scope, receive, send)
 
 
 # -- OpenAPI: the key schemes as FastAPI security dependencies -------------------------------------------

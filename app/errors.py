@@ -236,9 +236,17 @@ def problem_body(problem: Problem, instance: str | None = None) -> dict[str, Any
     return body
 
 
-def problem_response(problem: Problem, instance: str | None = None) -> JSONResponse:
+# The Open Inference Protocol's clients (tritonclient) read an error's message from an ``error`` member.
+OPEN_INFERENCE_PREFIX = "/v2/"
+
+
+def problem_response(problem: Problem, instance: str | None = None, *, path: str = "") -> JSONResponse:
+    """The problem's response; under ``/v2/`` (the Open Inference Protocol) with ``error`` = the detail too."""
+    body = problem_body(problem, instance)
+    if path.startswith(OPEN_INFERENCE_PREFIX):
+        body.setdefault("error", problem.detail)
     return JSONResponse(
-        problem_body(problem, instance),
+        body,
         status_code=problem.status,
         headers=problem.headers,
         media_type=PROBLEM_JSON,
@@ -253,7 +261,7 @@ def _respond(request: Request, problem: Problem, exc: BaseException) -> JSONResp
         logger.error("%s -> %d %s (%s)", where, problem.status, problem.slug, instance, exc_info=exc)
     else:
         logger.info("%s -> %d %s (%s)", where, problem.status, problem.slug, instance)
-    return problem_response(problem, instance)
+    return problem_response(problem, instance, path=request.url.path)
 
 
 async def handle_exception(request: Request, exc: Exception) -> JSONResponse:

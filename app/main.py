@@ -25,6 +25,7 @@ from fastapi import FastAPI
 
 from app.auth import AccessPolicy, ApiKeyAuth, include_routes, load_api_keys
 from app.errors import install_error_handlers
+from app.kserve import router as kserve_router
 from app.logs import configure_logging
 from app.metrics import ServiceMetrics
 from app.metrics import router as metrics_router
@@ -148,7 +149,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Which operations need a key is fixed here, so that OpenAPI documents what the middleware enforces.
     policy = AccessPolicy.from_settings(settings) if settings is not None else AccessPolicy.from_environment()
     app.state.declared_access_policy = policy
-    for routes in (image_router(), router, metrics_router):  # the image routes follow the output formats
+    for routes in (
+        image_router(),
+        router,
+        metrics_router,
+        kserve_router,
+    ):  # the image routes follow the output formats
         include_routes(app, routes, policy)
     include_routes(app, viewer_router(), policy)  # GET /: the viewer page (open, see app.auth)
     return app
