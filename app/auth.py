@@ -10,8 +10,8 @@ Open without a key: ``/health/live`` and ``/health/ready`` (probes, and their Op
 ``/v2/health/live`` and ``/v2/health/ready``), the API description (``/docs``,
 ``/redoc``, ``/openapi.json``) and the problem-type pages (``/problems/...``) unless ``MEDSERVE_DOCS_AUTH`` is
 true, ``/metrics`` when ``MEDSERVE_METRICS_AUTH`` is false, and always the viewer page (``/``) and its assets
-(``/viewer/...``): they hold no data, and the page asks for the key itself. Everything else, unknown paths included, needs
-a key: a caller without one learns nothing, not even which endpoints exist.
+(``/viewer/...``): they hold no data, and the page asks for the key itself. Everything else, unknown paths
+included, needs a key: a caller without one learns nothing, not even which endpoints exist.
 
 Refusals are 401 ``application/problem+json`` (``/problems/unauthorized``) with ``WWW-Authenticate``; the
 request body is never read. Keys are never logged, echoed or shown in error messages.
