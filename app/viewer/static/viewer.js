@@ -306,8 +306,8 @@ async function segment(run, model, file) {
     postFile(path("png"), file),
   ]);
   const summary = await summaryResponse.json();
-  const maskPixels = await pixelsOf(await maskResponse.clone().blob());
   const maskBlob = await maskResponse.blob();
+  const maskPixels = await pixelsOf(maskBlob);
   const classes = Array.isArray(summary.classes) ? summary.classes : [];
   const labels = labelsOf(maskPixels, classes.length || model.classes.length);
   const { width, height } = maskPixels;
