@@ -16,6 +16,7 @@ const el = {
   classification: $("classification"), predicted: $("predicted"), bars: $("bars"),
   explanationControls: $("explanation-controls"), explanationToggle: $("explanation-toggle"),
   explanationLabel: $("explanation-label"), explanationNote: $("explanation-note"),
+  explanationTarget: $("explanation-target"),
 };
 
 const MODEL_POLL_MS = 1500;
@@ -28,6 +29,7 @@ const state = {
   objectUrls: [],
   mask: null, // {labels, width, height, visible: Set}
   hasBase: false,
+  explainTarget: null, // the class to explain when the user chose one; null: the predicted label
 };
 
 // -- small helpers ----------------------------------------------------------------------------------------
@@ -63,19 +65,10 @@ function selectedModel() {
   return state.models.find((m) => m.name === el.model.value && m.status === "ready") || null;
 }
 
-/** Whether the model can explain its predictions with Grad-CAM, as GET /models describes it. */
+/** Whether the model explains its predictions with Grad-CAM: GET /models lists `explain.methods`. */
 function explainsWithGradcam(model) {
-  const described = model.explain ?? model.explanation ?? model.explanations;
-  if (!described) return false;
-  if (described === true || described === "gradcam") return true;
-  if (Array.isArray(described)) {
-    return described.some((entry) => entry === "gradcam" || (entry && entry.method === "gradcam"));
-  }
-  if (typeof described === "object") {
-    if ("gradcam" in described || described.method === "gradcam") return true;
-    return Array.isArray(described.methods) && described.methods.includes("gradcam");
-  }
-  return false;
+  const explain = model.explain;
+  return Boolean(explain && Array.isArray(explain.methods) && explain.methods.includes("gradcam"));
 }
 
 // -- errors, the API key and the OOD warning -------------------------------------------------------------
@@ -150,7 +143,9 @@ function describeModel(model) {
   if (!model) return "";
   const parts = [model.task, `version ${model.version}`];
   if (Array.isArray(model.classes)) parts.push(`classes: ${model.classes.join(", ")}`);
-  if (model.task === "classification" && explainsWithGradcam(model)) parts.push("explains with Grad-CAM");
+  if (model.task === "classification" && explainsWithGradcam(model)) {
+    parts.push(model.explain.layer ? `explained by Grad-CAM on ${model.explain.layer}` : "explained by Grad-CAM");
+  }
   return parts.join(" · ");
 }
 
@@ -381,10 +376,12 @@ function applyExplanationToggle() {
 
 async function classify(run, model, file) {
   const explain = explainsWithGradcam(model);
+  const target = explain && model.classes.includes(state.explainTarget) ? state.explainTarget : null;
   let response;
   let note = null;
   try {
-    response = await postFile(`/classify${query({ model: model.name, explain: explain ? "gradcam" : null })}`, file);
+    const params = { model: model.name, explain: explain ? "gradcam" : null, target };
+    response = await postFile(`/classify${query(params)}`, file);
   } catch (error) {
     // Explanations have their own queue: when it is full, answer without one.
     if (!explain || !(error instanceof ServiceError) || error instanceof KeyRequired || error.status !== 503) {
@@ -408,7 +405,11 @@ async function classify(run, model, file) {
   if (explanation && typeof explanation.overlay_png === "string") {
     el.explanationImage.src = `data:image/png;base64,${explanation.overlay_png}`;
     const method = explanation.method === "gradcam" ? "Grad-CAM" : explanation.method || "explanation";
-    el.explanationLabel.textContent = `Show the ${method} map for “${explanation.target ?? prediction.label}”`;
+    const explained = explanation.target ?? prediction.label;
+    el.explanationLabel.textContent = `Show the ${method} map for “${explained}”`;
+    el.explanationTarget.replaceChildren(
+      ...model.classes.map((name) => new Option(name, name, false, name === explained)),
+    );
     el.explanationControls.hidden = false;
     applyExplanationToggle();
   } else {
@@ -460,6 +461,7 @@ function updateButtons() {
 function chooseFile(file) {
   if (!file) return;
   state.file = file;
+  state.explainTarget = null;
   analyse();
 }
 
@@ -487,6 +489,7 @@ el.forgetKey.addEventListener("click", () => {
 });
 
 el.model.addEventListener("change", () => {
+  state.explainTarget = null;
   el.modelInfo.textContent = describeModel(selectedModel());
   updateButtons();
   if (state.file) analyse();
@@ -496,6 +499,10 @@ el.file.addEventListener("change", () => chooseFile(el.file.files[0]));
 el.run.addEventListener("click", () => analyse());
 el.opacity.addEventListener("input", applyOpacity);
 el.explanationToggle.addEventListener("change", applyExplanationToggle);
+el.explanationTarget.addEventListener("change", () => {
+  state.explainTarget = el.explanationTarget.value;
+  analyse();
+});
 
 // Dropping a file anywhere on the page chooses it (and never makes the browser open it instead).
 document.addEventListener("dragover", (event) => {
