@@ -117,7 +117,8 @@ function handleError(error, retry) {
 }
 
 function number(value) {
-  return typeof value === "number" && Number.isFinite(value) ? value.toPrecision(3) : null;
+  // Three significant digits, without the trailing zeros of toPrecision ("-1", not "-1.00").
+  return typeof value === "number" && Number.isFinite(value) ? String(Number(value.toPrecision(3))) : null;
 }
 
 function showOod(ood) {
