@@ -214,7 +214,7 @@ async def test_the_documented_security_is_what_is_enforced(model_dir: Path) -> N
                         protected.add(path)
                     else:
                         assert "401" not in operation["responses"] and response.status_code != 401, path
-        expected = {"/segment", "/segment/interactive", "/classify", "/models"}
+        expected = {"/segment", "/segment/interactive", "/classify", "/models", "/admin/models/reload"}
         if overrides:
             expected.add("/problems/{slug}")
         else:
