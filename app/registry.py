@@ -13,9 +13,11 @@ batcher; a model (``ModelHandle``) serves its newest version and keeps ``KEEP_VE
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +36,7 @@ from app.errors import (
     retry_after,
 )
 from app.logs import note_model
+from app.memory import release_freed_memory
 from app.runners import Runner, load_runner
 from app.settings import Settings
 from models.checkpoint import SUFFIX, CheckpointError
@@ -47,6 +50,9 @@ Status = Literal["loading", "ready", "failed"]
 # noise guard; smaller batches also mean lower latency), and doubling stops once a size is clearly slower.
 AUTOTUNE_MARGIN = 1.02
 AUTOTUNE_STOP = 0.9
+# A retired version's memory is released once no request holds it any more: checked this often, this many times.
+RELEASE_CHECK_S = 0.05
+RELEASE_CHECKS = 200
 
 
 def candidate_batch_sizes(limit: int) -> list[int]:
@@ -460,11 +466,25 @@ class ModelRegistry:
         task.add_done_callback(self._drains.discard)
 
     async def _drain(self, version: ModelVersion) -> None:
+        """Stops a retired version once its admitted requests have run, then releases its memory as soon as the
+        last of those requests lets go of it (a version still referenced long after is logged: a leak)."""
         try:
             await version.batcher.stop()
         finally:
             self.draining.remove(version)
-        logger.info("model %s: version %s drained and stopped", version.name, version.version)
+        runner = weakref.ref(version.runner)
+        name, number = version.name, version.version
+        del version
+        for attempt in range(RELEASE_CHECKS):
+            if runner() is None:
+                break
+            if attempt == 1:
+                gc.collect()  # a reference cycle, if any
+            await asyncio.sleep(RELEASE_CHECK_S)
+        if runner() is not None:
+            logger.warning("model %s: version %s is still referenced after it stopped", name, number)
+        await asyncio.to_thread(release_freed_memory, self.device)
+        logger.info("model %s: version %s drained and stopped", name, number)
 
     async def _warm_up(self, runner: Runner[Any], batcher: Batcher[Any, Any]) -> dict[int, float] | None:
         """Runs warm-up batches in the model's thread; with ``batch_autotune``, also picks the batch size.
@@ -556,6 +576,11 @@ class ModelRegistry:
     def describe_draining(self) -> list[dict[str, Any]]:
         """The versions taken out of service whose admitted requests are still running."""
         return [{"name": v.name, **v.describe()} for v in self.draining]
+
+    async def drained(self) -> None:
+        """Waits until every retired version has stopped and released its memory."""
+        while self._drains:
+            await asyncio.gather(*list(self._drains))
 
     async def close(self) -> None:
         """Stops the watcher's work and every batcher after it has run what it accepted."""
