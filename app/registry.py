@@ -71,7 +71,7 @@ def _timed(fn: Callable[[list[Any]], Any], inputs: list[Any]) -> float:
     return time.perf_counter() - started
 
 
-VersionState = Literal["serving", "previous", "draining"]
+VersionState = Literal["serving", "previous", "draining", "stopped"]
 
 
 @dataclass(eq=False)
@@ -278,6 +278,7 @@ class ModelRegistry:
         self.draining: list[ModelVersion] = []
         self._drains: set[asyncio.Task[None]] = set()
         self._scan_lock = asyncio.Lock()
+        self._closing = False
 
     @property
     def ready(self) -> bool:
@@ -472,16 +473,17 @@ class ModelRegistry:
             await version.batcher.stop()
         finally:
             self.draining.remove(version)
+            version.state = "stopped"
         runner = weakref.ref(version.runner)
         name, number = version.name, version.version
         del version
         for attempt in range(RELEASE_CHECKS):
-            if runner() is None:
+            if runner() is None or self._closing:
                 break
             if attempt == 1:
                 gc.collect()  # a reference cycle, if any
             await asyncio.sleep(RELEASE_CHECK_S)
-        if runner() is not None:
+        if runner() is not None and not self._closing:
             logger.warning("model %s: version %s is still referenced after it stopped", name, number)
         await asyncio.to_thread(release_freed_memory, self.device)
         logger.info("model %s: version %s drained and stopped", name, number)
@@ -583,6 +585,7 @@ class ModelRegistry:
             await asyncio.gather(*list(self._drains))
 
     async def close(self) -> None:
-        """Stops the watcher's work and every batcher after it has run what it accepted."""
+        """Stops every batcher after it has run what it accepted (retired ones too)."""
+        self._closing = True
         batchers = [v.batcher for h in self.models.values() for v in h.versions]
         await asyncio.gather(*(batcher.stop() for batcher in batchers), *list(self._drains))

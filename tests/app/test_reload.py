@@ -133,7 +133,7 @@ async def test_versions_beyond_keep_versions_are_drained_and_released(tmp_path: 
         gone = await client.post(f"/segment?version={versions[0]}", content=IMAGE, headers={**PNG, **HEADERS})
     assert [v["version"] for v in listing["models"][0]["versions"]] == versions[:0:-1]
     assert listing["draining"] == []
-    assert oldest is not None and not oldest.batcher.running and oldest.state == "draining"
+    assert oldest is not None and not oldest.batcher.running and oldest.state == "stopped"
     assert_problem(gone, 404, "version-not-found")
 
 
