@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from app.errors import ModelNotFound, ModelRequired, VersionNotFound
 from app.registry import ModelRegistry
 from tests.app.helpers import (
     BUILD_GATE,
@@ -329,3 +330,42 @@ async def test_a_model_added_by_a_scan_answers_not_ready_while_it_loads(tmp_path
         late = await client.post("/segment?model=slow", content=IMAGE, headers={**PNG, **HEADERS})
     assert_problem(early, 503, "not-ready")
     assert late.status_code == 200
+
+
+async def test_the_interactive_endpoint_takes_version(tmp_path: Path) -> None:
+    first = save_constant(tmp_path / "seg.pt", BACKGROUND)
+    hints = '{"points": [{"x": 2, "y": 2, "label": "foreground"}], "radius": 1}'
+    async with serve(reload_settings(tmp_path)) as (_, client):
+        second = save_constant(tmp_path / "seg.pt", FOREGROUND)
+        await client.post("/admin/models/reload", headers=HEADERS)
+        answers = {
+            version: await client.post(
+                "/segment/interactive?model=seg" + (f"&version={version}" if version else ""),
+                files={"file": ("scan.png", IMAGE, "image/png")},
+                data={"hints": hints},
+                headers=HEADERS,
+            )
+            for version in (None, first, "feedbeef")
+        }
+    assert answers[None].headers["x-model-version"] == second
+    assert answers[first].headers["x-model-version"] == first
+    assert_problem(answers["feedbeef"], 404, "version-not-found")
+
+
+async def test_resolve_takes_any_task_and_a_version(tmp_path: Path) -> None:
+    """The registry API of the other protocols: resolve(task or None, name, version) -> a loaded version."""
+    seg = save_constant(tmp_path / "seg.pt", BACKGROUND)
+    mean = save_mean_classifier(tmp_path / "mean.pt").version
+    async with serve(reload_settings(tmp_path)) as (app, _):
+        registry: ModelRegistry = app.state.registry
+        by_name = registry.resolve(None, "mean")
+        chosen = registry.resolve(None, "seg", seg)
+        with pytest.raises(ModelRequired):
+            registry.resolve(None, None)
+        with pytest.raises(ModelNotFound):
+            registry.resolve("classification", "seg")
+        with pytest.raises(VersionNotFound):
+            registry.resolve(None, "seg", "0000")
+    assert (by_name.name, by_name.task, by_name.version) == ("mean", "classification", mean)
+    assert (chosen.name, chosen.version, chosen.state) == ("seg", seg, "serving")
+    assert chosen.batcher is registry.models["seg"].batcher
