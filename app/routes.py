@@ -29,6 +29,7 @@ from app.errors import (
     PROBLEM_BASE,
     PROBLEM_TYPES,
     ClientDisconnected,
+    InvalidRequest,
     NotFound,
     NotReady,
     from_image_error,
@@ -248,6 +249,12 @@ async def answer_interactive(call: ImageRequest) -> Response:
     pool, options = call.pool, call.options
     if call.model is None:
         interactive.refuse_class_without_model(options.foreground_class)
+        if call.version is not None:
+            message = "version chooses a model's version: it needs ?model=NAME"
+            raise InvalidRequest(
+                f"invalid parameter(s): version ({message})",
+                extra={"errors": [{"loc": ["query", "version"], "msg": message}]},
+            )
         item, hints = await _read_image_and_hints(
             call, interactive.decode_for_graph_cut, need_foreground=True
         )

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from app.batching import Batcher, BatcherClosedError
 from app.errors import ModelNotFound, ModelRequired, VersionNotFound
 from app.registry import ModelRegistry
 from tests.app.helpers import (
@@ -369,3 +370,35 @@ async def test_resolve_takes_any_task_and_a_version(tmp_path: Path) -> None:
     assert (by_name.name, by_name.task, by_name.version) == ("mean", "classification", mean)
     assert (chosen.name, chosen.version, chosen.state) == ("seg", seg, "serving")
     assert chosen.batcher is registry.models["seg"].batcher
+
+
+async def test_version_without_a_model_is_refused_by_the_interactive_endpoint(tmp_path: Path) -> None:
+    first = save_constant(tmp_path / "seg.pt", BACKGROUND)
+    hints = '{"points": [{"x": 2, "y": 2, "label": "foreground"}], "radius": 1}'
+    async with serve(reload_settings(tmp_path)) as (_, client):
+        refused = await client.post(
+            f"/segment/interactive?version={first}",
+            files={"file": ("scan.png", IMAGE, "image/png")},
+            data={"hints": hints},
+            headers=HEADERS,
+        )
+    assert "needs ?model=" in assert_problem(refused, 422, "invalid-request")["detail"]
+
+
+async def test_a_stopping_batcher_still_grants_more_places_to_a_request_it_admitted() -> None:
+    """A multi-file request admitted by a version that is retired while its body is read keeps that version."""
+    batcher: Batcher[int, int] = Batcher(
+        "b", lambda xs: [x * 2 for x in xs], max_batch_size=4, max_delay_s=0.0, max_queue=8, timeout_s=30.0
+    )
+    batcher.start()
+    first = batcher.reserve()
+    stopping = asyncio.create_task(batcher.stop())
+    await asyncio.sleep(0)
+    with pytest.raises(BatcherClosedError):
+        batcher.reserve()  # a new request is refused
+    second = first.another()  # the admitted one gets its other places
+    results = await asyncio.gather(first.submit(1), second.submit(2))
+    await stopping
+    assert results == [2, 4] and not batcher.running
+    with pytest.raises(RuntimeError):
+        first.another()  # used already
