@@ -64,9 +64,22 @@ class Unauthorized(Problem):
     description = "Send a valid API key as `X-API-Key: KEY` or `Authorization: Bearer KEY`."
 
 
+class Forbidden(Problem):
+    status, slug, title = 403, "forbidden", "Scope missing"
+    description = (
+        "The API key is valid but lacks the scope this endpoint needs (infer, jobs or admin); admin endpoints "
+        "are refused when no API keys are configured."
+    )
+
+
 class ModelNotFound(Problem):
     status, slug, title = 404, "model-not-found", "Unknown model"
     description = "No model of the needed task has this name; GET /models lists them."
+
+
+class VersionNotFound(Problem):
+    status, slug, title = 404, "version-not-found", "Unknown model version"
+    description = "The model has no loaded version of this name; GET /models lists each model's versions."
 
 
 class NotFound(Problem):
@@ -163,7 +176,9 @@ PROBLEM_TYPES: dict[str, type[Problem]] = {
         InvalidImage,
         BadRequest,
         Unauthorized,
+        Forbidden,
         ModelNotFound,
+        VersionNotFound,
         NotFound,
         MethodNotAllowed,
         PayloadTooLarge,

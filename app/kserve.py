@@ -33,9 +33,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.contract import ModelInput, Runner
-from app.errors import BadRequest, InvalidRequest, ModelNotFound, NotReady, retry_after
-from app.registry import ModelHandle, ModelRegistry
+from app.errors import BadRequest, InvalidRequest, Problem
+from app.registry import ModelRegistry, ModelVersion
 from app.routes import RegistryDep, first_failure_raised, until_disconnected
+from app.schemas import problem_responses
 from models import __version__
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
@@ -85,22 +86,19 @@ class InferRequest(BaseModel):
     outputs: list[RequestOutput] | None = None
 
 
-def _ready_handle(registry: ModelRegistry, name: str, version: str | None) -> ModelHandle:
-    """The ready model ``name`` (at ``version`` when given), whatever its task.
+def _served_version(registry: ModelRegistry, name: str, version: str | None) -> ModelVersion:
+    """The loaded version of model ``name`` (the serving one when ``version`` is None), whatever its task.
 
     Raises:
         NotReady: models are still loading.
-        ModelNotFound: no such model or version is served.
+        ModelNotFound, ModelUnavailable, VersionNotFound: no such model, a model that failed, no such version.
     """
-    if not registry.loaded.is_set():
-        raise NotReady("models are still loading; retry shortly", headers=retry_after(5))
+    return registry.resolve(None, name, version)
+
+
+def _loaded_versions(registry: ModelRegistry, name: str) -> list[str]:
     handle = registry.models.get(name)
-    if handle is None or handle.status != "ready" or handle.runner is None:
-        available = [h.name for h in registry.models.values() if h.status == "ready"]
-        raise ModelNotFound(f"no ready model named {name!r}; available: {available or 'none'}")
-    if version is not None and version != handle.runner.version:
-        raise ModelNotFound(f"model {name!r} has no version {version!r}; served: {handle.runner.version}")
-    return handle
+    return [v.version for v in handle.versions] if handle is not None else []
 
 
 def _input_shape(runner: Runner[Any]) -> list[int]:
@@ -115,14 +113,16 @@ def _output_shapes(runner: Runner[Any]) -> dict[str, list[int]]:
     return {LOGITS: [-1, classes], PROBABILITIES: [-1, classes]}
 
 
-def model_metadata(handle: ModelHandle) -> dict[str, Any]:
-    """The protocol's model metadata, with MedServe's preprocessing and classes as parameters."""
-    runner = handle.runner
-    assert runner is not None
+def model_metadata(served: ModelVersion, versions: list[str]) -> dict[str, Any]:
+    """The protocol's model metadata, with MedServe's preprocessing and classes as parameters.
+
+    ``versions``: every loaded version of the model, the serving one first (``MEDSERVE_KEEP_VERSIONS``).
+    """
+    runner = served.runner
     spec = runner.spec
     return {
-        "name": handle.name,
-        "versions": [runner.version],
+        "name": served.name,
+        "versions": versions,
         "platform": "pytorch",
         "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": _input_shape(runner)}],
         "outputs": [
@@ -253,14 +253,13 @@ def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def infer_response(
-    handle: ModelHandle,
+    served: ModelVersion,
     request_id: str | None,
     tensors: dict[str, np.ndarray],
     outputs: list[tuple[str, bool]],
 ) -> Response:
     """The infer answer: JSON, or the JSON header followed by the binary outputs asked for as binary."""
-    runner = handle.runner
-    assert runner is not None
+    runner = served.runner
     entries = []
     chunks = []
     for name, binary in outputs:
@@ -273,10 +272,10 @@ def infer_response(
         else:
             entry["data"] = array.reshape(-1).tolist()
         entries.append(entry)
-    body: dict[str, Any] = {"model_name": handle.name, "model_version": runner.version, "outputs": entries}
+    body: dict[str, Any] = {"model_name": served.name, "model_version": runner.version, "outputs": entries}
     if request_id is not None:
         body["id"] = request_id
-    headers = {"X-Model-Name": handle.name, "X-Model-Version": runner.version}
+    headers = {"X-Model-Name": served.name, "X-Model-Version": runner.version}
     if not chunks:
         return JSONResponse(body, headers=headers)
     header = json.dumps(body, separators=(",", ":")).encode()
@@ -285,6 +284,16 @@ def infer_response(
 
 
 # -- routes ------------------------------------------------------------------------------------------------
+
+READINESS = {"type": "object", "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}}}
+READY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {
+        "description": "not ready, or no such model or version",
+        "content": {"application/json": {"schema": READINESS}},
+    }
+}
+METADATA_RESPONSES = problem_responses(404, 503)
+INFER_RESPONSES = problem_responses(400, 404, 413, 422, 500, 503, 504)
 
 NamePath = Annotated[str, Path(description="model name (checkpoint file stem)")]
 VersionPath = Annotated[str, Path(description="model version (content hash, see GET /models)")]
@@ -309,38 +318,41 @@ async def server_ready(request: Request) -> JSONResponse:
 
 async def _model_ready(registry: ModelRegistry, name: str, version: str | None) -> JSONResponse:
     try:
-        _ready_handle(registry, name, version)
-    except (ModelNotFound, NotReady):
+        _served_version(registry, name, version)
+    except Problem:
         return JSONResponse({"name": name, "ready": False}, status_code=400)
     return JSONResponse({"name": name, "ready": True})
 
 
-@router.get("/models/{name}/ready", summary="Model readiness")
+@router.get("/models/{name}/ready", summary="Model readiness", responses=READY_RESPONSES)
 async def model_ready(name: NamePath, registry: RegistryDep) -> JSONResponse:
     return await _model_ready(registry, name, None)
 
 
-@router.get("/models/{name}/versions/{version}/ready", summary="Model version readiness")
+@router.get(
+    "/models/{name}/versions/{version}/ready", summary="Model version readiness", responses=READY_RESPONSES
+)
 async def model_version_ready(name: NamePath, version: VersionPath, registry: RegistryDep) -> JSONResponse:
     return await _model_ready(registry, name, version)
 
 
-@router.get("/models/{name}", summary="Model metadata")
+@router.get("/models/{name}", summary="Model metadata", responses=METADATA_RESPONSES)
 async def get_model_metadata(name: NamePath, registry: RegistryDep) -> dict[str, Any]:
-    return model_metadata(_ready_handle(registry, name, None))
+    return model_metadata(_served_version(registry, name, None), _loaded_versions(registry, name))
 
 
-@router.get("/models/{name}/versions/{version}", summary="Model version metadata")
+@router.get(
+    "/models/{name}/versions/{version}", summary="Model version metadata", responses=METADATA_RESPONSES
+)
 async def get_model_version_metadata(
     name: NamePath, version: VersionPath, registry: RegistryDep
 ) -> dict[str, Any]:
-    return model_metadata(_ready_handle(registry, name, version))
+    return model_metadata(_served_version(registry, name, version), _loaded_versions(registry, name))
 
 
 async def _infer(request: Request, registry: ModelRegistry, name: str, version: str | None) -> Response:
-    handle = _ready_handle(registry, name, version)
-    runner, batcher = handle.runner, handle.batcher
-    assert runner is not None and batcher is not None
+    served = _served_version(registry, name, version)
+    runner, batcher = served.runner, served.batcher
     with contextlib.ExitStack() as places:
         # One place before the body is read (refused at once, 503, when the queue is full), one more per row.
         reservations = [places.enter_context(batcher.reserve())]
@@ -358,20 +370,23 @@ async def _infer(request: Request, registry: ModelRegistry, name: str, version: 
     tensors = {LOGITS: logits}
     if runner.task == "classification":
         tensors[PROBABILITIES] = softmax(logits, float(getattr(runner, "temperature", 1.0)))
-    return infer_response(handle, infer.id, tensors, outputs)
+    return infer_response(served, infer.id, tensors, outputs)
 
 
 INFER_DOC = """Runs the model on normalised input tensors (see the model's metadata for the preprocessing).
 JSON tensors, or the binary tensor data extension (`Inference-Header-Content-Length`)."""
 
 
-@router.post("/models/{name}/infer", summary="Inference", description=INFER_DOC)
+@router.post("/models/{name}/infer", summary="Inference", description=INFER_DOC, responses=INFER_RESPONSES)
 async def infer(name: NamePath, request: Request, registry: RegistryDep) -> Response:
     return await _infer(request, registry, name, None)
 
 
 @router.post(
-    "/models/{name}/versions/{version}/infer", summary="Inference on a version", description=INFER_DOC
+    "/models/{name}/versions/{version}/infer",
+    summary="Inference on a version",
+    description=INFER_DOC,
+    responses=INFER_RESPONSES,
 )
 async def infer_version(
     name: NamePath, version: VersionPath, request: Request, registry: RegistryDep

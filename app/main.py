@@ -23,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from fastapi import FastAPI
 
-from app.auth import AccessPolicy, ApiKeyAuth, include_routes, load_api_keys
+from app import admin
+from app.auth import ADMIN, INFER, AccessPolicy, ApiKeyAuth, include_routes, load_api_keys
 from app.errors import install_error_handlers
 from app.kserve import router as kserve_router
 from app.logs import configure_logging
@@ -68,6 +69,13 @@ def _startup_settings(app: FastAPI) -> Settings:
         settings = load_settings()
     check_runtime(settings)
     return settings
+
+
+async def _load_and_watch(registry: ModelRegistry, poll_s: float) -> None:
+    """Loads every model, then watches the model directory (``MODEL_POLL_S``; 0: no watcher)."""
+    await registry.load_all()
+    if poll_s > 0:
+        await registry.watch(poll_s)
 
 
 @contextlib.asynccontextmanager
@@ -118,7 +126,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.pool = pool
     app.state.registry = registry
     logger.info("loading %d checkpoint(s) from %s onto %s", len(registry.models), settings.model_dir, device)
-    loading = asyncio.create_task(registry.load_all(), name="load-models")
+    loading = asyncio.create_task(_load_and_watch(registry, settings.model_poll_s), name="load-models")
     try:
         yield
     finally:
@@ -149,14 +157,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Which operations need a key is fixed here, so that OpenAPI documents what the middleware enforces.
     policy = AccessPolicy.from_settings(settings) if settings is not None else AccessPolicy.from_environment()
     app.state.declared_access_policy = policy
-    for routes in (
-        image_router(),
-        router,
-        metrics_router,
-        kserve_router,
-    ):  # the image routes follow the output formats
-        include_routes(app, routes, policy)
-    include_routes(app, viewer_router(), policy)  # GET /: the viewer page (open, see app.auth)
+    # The image routes follow the output formats; each router's scope is what a scoped key needs for it.
+    for routes, scope in (
+        (image_router(), INFER),
+        (router, None),
+        (metrics_router, None),
+        (admin.router, ADMIN),
+        (kserve_router, INFER),
+        (viewer_router(), None),  # GET /: the viewer page (open, see app.auth)
+    ):
+        include_routes(app, routes, policy, scope=scope)
     return app
 
 

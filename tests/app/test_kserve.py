@@ -169,7 +169,7 @@ async def test_unknown_model_version_and_broken_json(model_dir: Path) -> None:
             "/v2/models/unet/infer", content=b"{}", headers={"Inference-Header-Content-Length": "99"}
         )
     assert "nope" in assert_problem(missing, 404, "model-not-found")["error"]
-    assert_problem(wrong_version, 404, "model-not-found")
+    assert_problem(wrong_version, 404, "version-not-found")
     assert_problem(broken, 400, "bad-request")
     assert_problem(too_long, 400, "bad-request")
 
@@ -194,3 +194,24 @@ def test_raw_and_task_inputs_share_a_batch_in_order(model_dir: Path) -> None:
     expected = _logits(model_dir / "bright.pt", torch.stack(images[2:]).numpy())
     np.testing.assert_allclose(np.stack([mixed[0], mixed[2]]), expected, rtol=1e-5, atol=1e-6)
     assert mixed[0].shape == (2,) and np.isclose(mixed[1].sum(), 1.0)  # logits vs probabilities
+
+
+async def test_versions_kept_after_a_reload_are_served_by_version(tmp_path: Path) -> None:
+    from tests.app.helpers import save_pixel_model
+
+    key = "kserve-admin-key-0123456789"
+    headers = {"X-API-Key": key}
+    first = save_pixel_model(tmp_path / "seg.pt", weights=(0.0, 0.0), biases=(1.0, 0.0)).version
+    config = settings(tmp_path, api_keys=f"{key}:admin+infer", model_poll_s=0.0, keep_versions=1)
+    body = {"inputs": [{"name": "input", "shape": [1, 1, 16, 16], "datatype": "FP32", "data": [0.0] * 256}]}
+    async with serve(config) as (_, client):
+        second = save_pixel_model(tmp_path / "seg.pt", weights=(0.0, 0.0), biases=(0.0, 1.0)).version
+        assert (await client.post("/admin/models/reload", headers=headers)).status_code == 200
+        metadata = (await client.get("/v2/models/seg", headers=headers)).json()
+        new = await client.post("/v2/models/seg/infer", json=body, headers=headers)
+        old = await client.post(f"/v2/models/seg/versions/{first}/infer", json=body, headers=headers)
+    assert metadata["versions"] == [second, first]
+    assert new.json()["model_version"] == second and old.json()["model_version"] == first
+    new_logits = np.asarray(new.json()["outputs"][0]["data"]).reshape(2, 16, 16)
+    old_logits = np.asarray(old.json()["outputs"][0]["data"]).reshape(2, 16, 16)
+    assert (new_logits[1] > new_logits[0]).all() and (old_logits[0] > old_logits[1]).all()
