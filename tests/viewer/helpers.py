@@ -22,6 +22,7 @@ from tests.deploy.helpers import ROOT, Service, free_port, start, wait_for_statu
 
 CHROMIUM = "/usr/bin/chromium"
 KEY = "viewer-test-key-0123456789"
+ADMIN_KEY = "viewer-admin-key-0123456789"  # a key with the admin scope only
 
 # The threshold U-Net's classes and the 8-bit grey levels between them: a pixel of value v is class 0 below
 # 70.5, class 1 up to 140.5, class 2 above (half-integer bounds: no pixel is ever on a boundary).

@@ -25,6 +25,7 @@ from tests.app.helpers import decode_png, encode_image
 from tests.deploy.helpers import Service
 from tests.models.test_dicom import make_dicom
 from tests.viewer.helpers import (
+    ADMIN_KEY,
     KEY,
     THRESHOLD_CLASSES,
     chromium,
@@ -366,7 +367,8 @@ def test_keyboard_reaches_every_control_in_order(page: Any, service: Service) ->
 @pytest.fixture(scope="module")
 def keyed_service(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     workdir = tmp_path_factory.mktemp("viewer-keyed")
-    with running_service(model_dir, workdir, env={"MEDSERVE_API_KEYS": KEY}) as running:
+    keys = f"{KEY},{ADMIN_KEY}:admin"  # the second may only replace models: no inference
+    with running_service(model_dir, workdir, env={"MEDSERVE_API_KEYS": keys}) as running:
         yield running
 
 
@@ -394,10 +396,28 @@ def test_with_api_keys_the_page_asks_for_the_key_and_then_shows_the_result(
     upload(page, "dental.png", "image/png", png)
     page.locator("#segmentation").wait_for()
     assert page.locator("#legend-list li").count() == len(THRESHOLD_CLASSES)
-    # Forgetting the key: the next request asks for it again, then runs.
+    # Forgetting the key: the next request asks for it again. A valid key without the scope the endpoint needs
+    # (403) shows the problem's detail; with the right key the request runs.
+    refused = httpx.post(
+        f"{keyed_service.url}/segment",
+        params={"model": "teeth"},
+        files={"file": ("dental.png", png, "image/png")},
+        headers={"X-API-Key": ADMIN_KEY},
+        timeout=60,
+    )
+    assert refused.status_code == 403
+    page.get_by_role("button", name="Forget API key").click()
+    page.get_by_role("button", name="Analyse again").click()
+    key_field.wait_for()
+    key_field.fill(ADMIN_KEY)
+    page.keyboard.press("Enter")
+    page.locator("#error").wait_for()
+    assert page.locator("#error-detail").inner_text() == refused.json()["detail"]
+    assert not page.locator("#segmentation").is_visible()
     page.get_by_role("button", name="Forget API key").click()
     page.get_by_role("button", name="Analyse again").click()
     key_field.wait_for()
     key_field.fill(KEY)
     page.keyboard.press("Enter")
     page.locator("#segmentation").wait_for()
+    assert not page.locator("#error").is_visible()
