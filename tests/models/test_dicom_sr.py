@@ -167,11 +167,20 @@ def test_only_the_patient_and_study_attributes_the_iod_needs_are_copied() -> Non
     source.OtherPatientIDsSequence = [Dataset()]
     source.PatientComments = "allergic to contrast"
     source.InstitutionName = "St Elsewhere"
+    source.PatientAge = "063Y"
+    source.StudyDescription = f"{PATIENT_NAME} chest"
     plain = pydicom.dcmread(io.BytesIO(build_dicom_sr(source, PROBABILITIES)))
     assert (
         str(plain.PatientName) == PATIENT_NAME and plain.PatientID == source.PatientID
     )  # Type 2, as required
-    for keyword in ("PatientAddress", "OtherPatientIDsSequence", "PatientComments", "InstitutionName"):
+    dropped = (
+        "PatientAddress",
+        "OtherPatientIDsSequence",
+        "PatientComments",
+        "InstitutionName",
+        "PatientAge",
+    )
+    for keyword in (*dropped, "StudyDescription"):
         assert keyword not in plain, keyword
     assert "12 Elm Street" not in str(plain) and "contrast" not in str(plain)
 
