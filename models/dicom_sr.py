@@ -106,15 +106,15 @@ def library_dataset(dataset: Dataset) -> Dataset:
     """
     import highdicom as hd
 
-    common = Dataset()
-    common.update(dataset)
-    common.Modality = ""
-    hd.sr.ImageLibraryEntryDescriptors(common)  # the common descriptors alone
     try:
         hd.sr.ImageLibraryEntryDescriptors(dataset)
+        return dataset
     except (AttributeError, IndexError, TypeError, ValueError):
+        common = Dataset()
+        common.update(dataset)
+        common.Modality = ""
+        hd.sr.ImageLibraryEntryDescriptors(common)  # the common descriptors alone; raises as documented
         return common
-    return dataset
 
 
 def build_dicom_sr(
