@@ -35,7 +35,7 @@ from app.errors import (
     from_image_error,
     retry_after,
 )
-from app.outputs import check_input, output_formats, spoken_list
+from app.outputs import check_image_count, check_input, output_formats, spoken_list
 from app.registry import ModelRegistry, ModelVersion
 from app.runners import ClassificationRunner, SegmentationRunner
 from app.schemas import (
@@ -210,6 +210,7 @@ async def answer_images(call: ImageRequest) -> Response:
         # One place per image: the first before the body is read, the others once their number is known.
         reservations = [places.enter_context(batcher.reserve())]
         uploads = await read_uploads(request, max_files=settings.max_files if multiple else 1)
+        check_image_count(output_format, len(uploads))
         # Places of the same request: granted even if the version was retired meanwhile.
         reservations += [places.enter_context(reservations[0].another()) for _ in uploads[1:]]
         decoded = await asyncio.gather(
