@@ -107,6 +107,51 @@ class Settings(BaseSettings):
         default=1, ge=1, le=64, description="worker processes of medserve serve, each with its own models"
     )
 
+    # -- PACS delivery and DICOM networking (issue 18: app/pacs/delivery.py, app/pacs/dimse.py) --
+    pacs_url: str | None = Field(
+        default=None,
+        description="the archive's DICOMweb root (e.g. http://orthanc:8042/dicom-web): results go there by STOW-RS",
+    )
+    pacs_username: str | None = Field(default=None, description="HTTP basic user for PACS_URL (optional)")
+    pacs_password: SecretStr | None = Field(default=None, description="its password")
+    dimse_destination: str | None = Field(
+        default=None,
+        pattern=r"^[^@]{1,16}@[^:@]+:\d{1,5}$",
+        description="AE@host:port of a DIMSE-only archive: results go there by C-STORE instead of STOW-RS",
+    )
+    delivery_max_attempts: int = Field(
+        default=8,
+        ge=1,
+        le=1000,
+        description="attempts to deliver one result (the first included) before it fails",
+    )
+    delivery_backoff_base_s: float = Field(
+        default=1.0, gt=0.0, le=3600.0, description="wait after the first failed delivery (doubles each time)"
+    )
+    delivery_backoff_cap_s: float = Field(
+        default=60.0, gt=0.0, le=86_400.0, description="longest wait between two delivery attempts"
+    )
+    delivery_timeout_s: float = Field(
+        default=30.0, gt=0.0, le=3600.0, description="network time-out of one delivery (STOW-RS or C-STORE)"
+    )
+    dimse_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="with a port, MedServe is a DICOM node (C-ECHO, C-STORE SCP)",
+    )
+    dimse_ae_title: str = Field(
+        default="MEDSERVE",
+        min_length=1,
+        max_length=16,
+        description="MedServe's AE title (called and calling)",
+    )
+    dimse_allowed: str = Field(
+        default="",
+        description="comma-separated AE@host entries allowed to associate; empty refuses every caller",
+    )
+    dimse_host: str = Field(default="0.0.0.0", description="address the DICOM port listens on")
+
     @property
     def max_batch_delay_s(self) -> float:
         return self.max_batch_delay_ms / 1000.0
