@@ -29,6 +29,7 @@ from app.logs import configure_logging
 from app.metrics import ServiceMetrics
 from app.metrics import router as metrics_router
 from app.middleware import RequestContext
+from app.pacs.dimse import dimse_server_from_settings
 from app.registry import ModelRegistry
 from app.routes import image_router, router
 from app.settings import Settings, SettingsError, check_runtime, env_name, load_settings
@@ -81,10 +82,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         except ValueError as exc:
             raise SettingsError(f"{env_name('device')}={settings.device!r}: {exc}") from exc
         api_keys = load_api_keys(settings)
+        # DICOM node (MEDSERVE_DIMSE_PORT): stores go to app.state.intake once the job system has made it
+        dimse = dimse_server_from_settings(settings, lambda: getattr(app.state, "intake", None))
+        if dimse is not None:
+            try:
+                dimse.start()
+            except OSError as exc:
+                raise SettingsError(
+                    f"{env_name('dimse_port')}={settings.dimse_port}: cannot listen ({exc})"
+                ) from exc
     except SettingsError as exc:
         logger.error("%s", exc)
         raise
     app.state.api_keys = api_keys
+    app.state.dimse = dimse
     # Enforced as declared on the routes (and so documented), whatever the environment says by now.
     app.state.access_policy = app.state.declared_access_policy
     if api_keys is None:
@@ -120,6 +131,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if dimse is not None:
+            dimse.stop()  # no new instances while the rest stops
         if not loading.done():
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
