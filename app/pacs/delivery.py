@@ -72,7 +72,7 @@ class RetryPolicy:
 
     max_attempts: int = 8
     base_s: float = 1.0
-    cap_s: float = 60.0
+    cap_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -84,8 +84,8 @@ class RetryPolicy:
     def from_settings(cls, settings: Settings) -> RetryPolicy:
         return cls(
             max_attempts=settings.delivery_max_attempts,
-            base_s=settings.delivery_backoff_base_s,
-            cap_s=max(settings.delivery_backoff_cap_s, settings.delivery_backoff_base_s),
+            base_s=settings.delivery_backoff_s,
+            cap_s=max(settings.delivery_backoff_max_s, settings.delivery_backoff_s),
         )
 
     def ceiling_s(self, attempt: int) -> float:

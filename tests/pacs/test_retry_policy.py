@@ -82,12 +82,13 @@ def test_invalid_policies_are_refused(kwargs: dict[str, float], message: str) ->
 
 
 def test_the_settings_make_the_policy() -> None:
-    settings = Settings(delivery_max_attempts=4, delivery_backoff_base_s=0.25, delivery_backoff_cap_s=2.0)
+    settings = Settings(delivery_max_attempts=4, delivery_backoff_s=0.25, delivery_backoff_max_s=2.0)
     assert RetryPolicy.from_settings(settings) == RetryPolicy(max_attempts=4, base_s=0.25, cap_s=2.0)
     defaults = RetryPolicy.from_settings(Settings())
+    assert defaults == RetryPolicy()
     assert defaults.max_attempts == Settings().delivery_max_attempts == 8
     # a cap below the base means "no growth": every wait is the base
-    flat = RetryPolicy.from_settings(Settings(delivery_backoff_base_s=3.0, delivery_backoff_cap_s=1.0))
+    flat = RetryPolicy.from_settings(Settings(delivery_backoff_s=3.0, delivery_backoff_max_s=1.0))
     assert flat.ceiling_s(1) == flat.ceiling_s(9) == 3.0
 
 
