@@ -29,6 +29,9 @@ from app.logs import configure_logging
 from app.metrics import ServiceMetrics
 from app.metrics import router as metrics_router
 from app.middleware import RequestContext
+from app.pacs.jobs import router as jobs_router
+from app.pacs.service import open_pacs
+from app.pacs.stow import router as stow_router
 from app.registry import ModelRegistry
 from app.routes import image_router, router
 from app.settings import Settings, SettingsError, check_runtime, env_name, load_settings
@@ -115,8 +118,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.settings = settings
     app.state.pool = pool
     app.state.registry = registry
+    try:  # the job system (app.pacs): store, spool, routing rules; its worker starts once models are loaded
+        pacs = await asyncio.to_thread(open_pacs, settings, registry, pool, metrics.registry)
+    except SettingsError as exc:
+        logger.error("%s", exc)
+        pool.shutdown(wait=False)
+        raise
+    app.state.pacs = pacs
     logger.info("loading %d checkpoint(s) from %s onto %s", len(registry.models), settings.model_dir, device)
     loading = asyncio.create_task(registry.load_all(), name="load-models")
+    if pacs is not None:
+        pacs.start()
     try:
         yield
     finally:
@@ -124,6 +136,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
+        if pacs is not None:
+            await pacs.stop()  # its jobs in hand go back to the queue before the batchers stop
         waiting = sum(
             h.batcher.queue_depth + h.batcher.announced for h in registry.models.values() if h.batcher
         )
@@ -147,7 +161,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Which operations need a key is fixed here, so that OpenAPI documents what the middleware enforces.
     policy = AccessPolicy.from_settings(settings) if settings is not None else AccessPolicy.from_environment()
     app.state.declared_access_policy = policy
-    for routes in (image_router(), router, metrics_router):  # the image routes follow the output formats
+    for routes in (
+        image_router(),
+        router,
+        metrics_router,
+        stow_router,
+        jobs_router,
+    ):  # the image routes follow the output formats
         include_routes(app, routes, policy)
     return app
 
