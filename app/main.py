@@ -29,7 +29,10 @@ from app.logs import configure_logging
 from app.metrics import ServiceMetrics
 from app.metrics import router as metrics_router
 from app.middleware import RequestContext
-from app.pacs.dimse import dimse_server_from_settings
+from app.pacs.dimse import DimseServer, IntakeLike, dimse_server_from_settings
+from app.pacs.jobs import router as jobs_router
+from app.pacs.service import open_pacs
+from app.pacs.stow import router as stow_router
 from app.registry import ModelRegistry
 from app.routes import image_router, router
 from app.settings import Settings, SettingsError, check_runtime, env_name, load_settings
@@ -69,6 +72,20 @@ def _startup_settings(app: FastAPI) -> Settings:
     return settings
 
 
+def _current_intake(app: FastAPI) -> IntakeLike | None:
+    pacs = getattr(app.state, "pacs", None)
+    return pacs.intake if pacs is not None else None
+
+
+def _start_dimse(dimse: DimseServer, settings: Settings) -> None:
+    try:
+        dimse.start()
+    except OSError as exc:
+        error = SettingsError(f"{env_name('dimse_port')}={settings.dimse_port}: cannot listen ({exc})")
+        logger.error("%s", error)
+        raise error from exc
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # JSON logs on stderr unless logging was configured by someone else (a --log-config, a test runner); this
@@ -82,15 +99,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         except ValueError as exc:
             raise SettingsError(f"{env_name('device')}={settings.device!r}: {exc}") from exc
         api_keys = load_api_keys(settings)
-        # DICOM node (MEDSERVE_DIMSE_PORT): stores go to app.state.intake once the job system has made it
-        dimse = dimse_server_from_settings(settings, lambda: getattr(app.state, "intake", None))
-        if dimse is not None:
-            try:
-                dimse.start()
-            except OSError as exc:
-                raise SettingsError(
-                    f"{env_name('dimse_port')}={settings.dimse_port}: cannot listen ({exc})"
-                ) from exc
+        # DICOM node (MEDSERVE_DIMSE_PORT): its C-STOREs go to the job system's intake
+        dimse = dimse_server_from_settings(settings, lambda: _current_intake(app))
     except SettingsError as exc:
         logger.error("%s", exc)
         raise
@@ -126,9 +136,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.settings = settings
     app.state.pool = pool
     app.state.registry = registry
+    try:  # the job system (app.pacs): store, spool, routing rules; its worker starts once models are loaded
+        pacs = await asyncio.to_thread(open_pacs, settings, registry, pool, metrics.registry)
+    except SettingsError as exc:
+        logger.error("%s", exc)
+        pool.shutdown(wait=False)
+        raise
+    app.state.pacs = pacs
     logger.info("loading %d checkpoint(s) from %s onto %s", len(registry.models), settings.model_dir, device)
     loading = asyncio.create_task(registry.load_all(), name="load-models")
+    if pacs is not None:
+        pacs.start()
     try:
+        if dimse is not None:
+            _start_dimse(dimse, settings)
         yield
     finally:
         if dimse is not None:
@@ -137,6 +158,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
+        if pacs is not None:
+            await pacs.stop()  # its jobs in hand go back to the queue before the batchers stop
         waiting = sum(
             h.batcher.queue_depth + h.batcher.announced for h in registry.models.values() if h.batcher
         )
@@ -160,7 +183,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Which operations need a key is fixed here, so that OpenAPI documents what the middleware enforces.
     policy = AccessPolicy.from_settings(settings) if settings is not None else AccessPolicy.from_environment()
     app.state.declared_access_policy = policy
-    for routes in (image_router(), router, metrics_router):  # the image routes follow the output formats
+    for routes in (
+        image_router(),
+        router,
+        metrics_router,
+        stow_router,
+        jobs_router,
+    ):  # the image routes follow the output formats
         include_routes(app, routes, policy)
     return app
 

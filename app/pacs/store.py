@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,6 +192,7 @@ class Claimed:
     spool_path: str | None
     result_path: str | None
     result_sop_instance_uid: str | None
+    result_kind: str | None
     attempts: int
     created_at: float
 
@@ -333,16 +334,18 @@ class JobStore:
 
     # -- workers --------------------------------------------------------------------------------------------
 
-    def claim(self, owner: str, models: Sequence[str], limit: int, lease_s: float) -> list[Claimed]:
-        """Takes up to ``limit`` jobs of ``models`` for ``owner``: queued jobs due now and running jobs whose
-        lease expired (to run), and delivering jobs due now and not leased (to deliver); oldest first."""
+    def claim(self, owner: str, models: Mapping[str, str], limit: int, lease_s: float) -> list[Claimed]:
+        """Takes up to ``limit`` jobs of ``models`` (name -> version) for ``owner``: queued jobs due now and
+        running jobs whose lease expired (to run), and delivering jobs due now and not leased (to deliver);
+        oldest first."""
         if limit <= 0 or not models:
             return []
+        served = or_(*(and_(jobs.c.model == name, jobs.c.model_version == v) for name, v in models.items()))
         now = self.clock()
         due = or_(jobs.c.next_attempt_at.is_(None), jobs.c.next_attempt_at <= now)
         free = or_(jobs.c.lease_owner.is_(None), jobs.c.lease_expires_at < now)
         wanted = and_(
-            jobs.c.model.in_(list(models)),
+            served,
             or_(
                 and_(jobs.c.state == QUEUED, due),
                 and_(jobs.c.state == RUNNING, jobs.c.lease_expires_at < now),
@@ -398,6 +401,7 @@ class JobStore:
                         spool_path=row.spool_path,
                         result_path=row.result_path,
                         result_sop_instance_uid=row.result_sop_instance_uid,
+                        result_kind=row.result_kind,
                         attempts=row.attempts,
                         created_at=row.created_at,
                     )
