@@ -290,7 +290,7 @@ class StowDelivery:
                 raise TransientDeliveryError(
                     f"STOW-RS failed without an answer ({type(exc).__name__})"
                 ) from exc
-            reason = "the archive refused the object: " + _http_reason(response)
+            reason = "STOW-RS answered " + _http_reason(response)
             if response.status_code >= 500 or response.status_code in RETRIABLE_HTTP:
                 raise TransientDeliveryError(reason) from exc
             raise PermanentDeliveryError(reason) from exc
@@ -306,7 +306,7 @@ class StowDelivery:
             raise TransientDeliveryError(f"the archive's answer could not be read ({exc})") from exc
         failures = [item for item in answer.get("FailedSOPSequence", []) or []]
         if failures:
-            reason = "the archive refused the object: " + describe_failures(answer)
+            reason = "STOW-RS answered " + describe_failures(answer)
             codes = [int(item.get("FailureReason", 0x0110)) for item in failures]
             if all(is_transient_dimse_status(code) for code in codes):
                 raise TransientDeliveryError(reason)
