@@ -136,6 +136,8 @@ class OutputFormat(Generic[RunnerT]):
         openapi: the OpenAPI media-type object of the answer (schema, example); None: a binary string.
         cheap: encodes in microseconds (a few numbers per image): small answers are encoded on the event loop
             instead of paying a thread round trip.
+        one_image: the answer covers one image (e.g. one DICOM object per source instance): an endpoint that
+            takes several files refuses a request with more than one for this format (422, before decoding).
     """
 
     task: str
@@ -148,6 +150,7 @@ class OutputFormat(Generic[RunnerT]):
     check: Callable[[ModelInput], None] | None = None
     openapi: dict[str, Any] | None = None
     cheap: bool = False
+    one_image: bool = False
 
 
 def read_upload(upload: ImageUpload, *, max_pixels: int | None, intensity: str) -> DecodedImage:

@@ -8,7 +8,8 @@ description, the media types of the 200 answer, and the decode flags. ``register
 Built in:
     * segmentation: ``png`` (the mask), ``overlay`` (the mask drawn over the image), ``json`` (per-class
       summary), ``dicom-seg`` (a DICOM Segmentation referencing the source DICOM);
-    * classification: ``json`` (label and class probabilities per image).
+    * classification: ``json`` (label and class probabilities per image), ``dicom-sr`` (a DICOM Structured
+      Report of one DICOM image's classification).
 
 JSON answers carry only the DICOM identifiers ``models.dicom_seg.safe_identifiers`` allows, never patient data.
 """
@@ -26,9 +27,11 @@ from pydicom.uid import UID
 from scipy import ndimage
 
 from app.contract import ModelInput, OutputFormat, Prediction, ResponseOptions, RunnerT
+from app.errors import InvalidRequest
 from app.runners import RUNNERS, ClassificationRunner, SegmentationRunner
 from app.schemas import SegmentSummary
 from models.dicom_seg import SAFE_UID_KEYWORDS, SEG_MEDIA_TYPE, DicomSegError, build_dicom_seg
+from models.dicom_sr import SR_MEDIA_TYPE, DicomSrError, build_dicom_sr
 from models.imageio import UnprocessableImageError, UnsupportedImageError
 
 # Overlay colours (RGB) for classes 1, 2, ...; background (0) is left uncoloured.
@@ -105,6 +108,26 @@ def check_input(output_format: OutputFormat[Any], item: ModelInput) -> None:
         )
     if output_format.check is not None:
         output_format.check(item)
+
+
+def check_image_count(output_format: OutputFormat[Any], count: int) -> None:
+    """Refuses, before decoding, several images for a format whose answer covers one (``one_image``).
+
+    Raises:
+        app.errors.InvalidRequest: ``count`` > 1 for a ``one_image`` format (422, ``loc`` query.format).
+    """
+    if not output_format.one_image or count <= 1:
+        return
+    others = [f.name for f in output_formats(output_format.task).values() if not f.one_image]
+    message = (
+        f"format={output_format.name} answers one image per request (one DICOM object per source instance); "
+        f"this request sent {count} files. Send one file per request"
+        + (f", or use format={spoken_list(others)} for several" if others else "")
+    )
+    raise InvalidRequest(
+        f"invalid parameter(s): format ({message})",
+        extra={"errors": [{"loc": ["query", "format"], "msg": message}]},
+    )
 
 
 # -- rendering ------------------------------------------------------------------------------------------
@@ -197,26 +220,38 @@ def encode_summary(
     return json.dumps(summary).encode()
 
 
-def check_seg_source(item: ModelInput) -> None:
-    """Whether a DICOM SEG can be written for this input (checked before the model runs).
+def check_dicom_reference(item: ModelInput, result: str) -> None:
+    """Whether a DICOM ``result`` object (``"DICOM SEG"``, ``"DICOM SR"``) can reference this input.
 
-    A SEG must reference its source by Study, Series and SOP Instance UID, so each must be a valid UID;
-    values that are not UIDs are refused rather than passed on (and perhaps logged) by the SEG writer.
+    A result must reference its source by Study, Series and SOP Instance UID, so each must be a valid UID;
+    values that are not UIDs are refused rather than passed on (and perhaps logged) by the writer.
 
     Raises:
         models.imageio.UnsupportedImageError: the input is not DICOM.
         models.imageio.UnprocessableImageError: it lacks a valid UID (named, value not quoted).
     """
     if item.source is None:
-        raise UnsupportedImageError("a DICOM SEG needs DICOM input (decode with keep_source=True)")
+        raise UnsupportedImageError(f"a {result} needs DICOM input (decode with keep_source=True)")
     missing = [keyword for keyword in SAFE_UID_KEYWORDS if keyword not in (item.dicom_uids or {})]
     # The SOP class is quoted when highdicom does not know it, so it too must be a UID.
     if not UID(str(item.source.dataset.get("SOPClassUID", "")).strip()).is_valid:
         missing.append("SOPClassUID")
     if missing:
         raise UnprocessableImageError(
-            f"cannot write a DICOM SEG: the source's {', '.join(missing)} is missing or not a valid UID"
+            f"cannot write a {result}: the source's {', '.join(missing)} is missing or not a valid UID"
         )
+
+
+def check_seg_source(item: ModelInput) -> None:
+    """Whether a DICOM SEG can be written for this input (checked before the model runs); see
+    ``check_dicom_reference``."""
+    check_dicom_reference(item, "DICOM SEG")
+
+
+def check_sr_source(item: ModelInput) -> None:
+    """Whether a DICOM SR can be written for this input (checked before the model runs); see
+    ``check_dicom_reference``."""
+    check_dicom_reference(item, "DICOM SR")
 
 
 def encode_dicom_seg(
@@ -268,6 +303,37 @@ def encode_predictions(
         classification_prediction(runner.classes, p.output, p.input, options.top_k) for p in predictions
     ]
     return json.dumps({"model": runner.name, "version": runner.version, "predictions": answers}).encode()
+
+
+def encode_dicom_sr(
+    runner: ClassificationRunner, predictions: Sequence[Prediction[Any]], options: ResponseOptions
+) -> bytes:
+    """A DICOM Comprehensive 3D SR (TID 1500) of one DICOM image's classification: the predicted label and the
+    class probabilities (all classes in class order, or the ``top_k`` best, most probable first).
+
+    Raises:
+        models.imageio.UnprocessableImageError: a source an SR cannot reference (e.g. an unknown SOP class).
+    """
+    if len(predictions) != 1:
+        raise ValueError(f"a DICOM SR answer covers one image, got {len(predictions)}")
+    item, probs = predictions[0].input, np.clip(np.asarray(predictions[0].output, dtype=np.float64), 0.0, 1.0)
+    check_sr_source(item)  # the route checked before inference; encoding must not rely on it
+    assert item.source is not None
+    classes = list(runner.classes)
+    order = np.argsort(-probs, kind="stable")
+    reported = order[: options.top_k] if options.top_k is not None else np.arange(len(classes))
+    try:
+        return build_dicom_sr(
+            item.source,
+            {classes[int(i)]: float(probs[int(i)]) for i in reported},
+            classes[int(order[0])],
+            classes=classes,
+            model_name=runner.name,
+            model_version=runner.version,
+            series_description=f"MedServe {runner.name} classification",
+        )
+    except DicomSrError as exc:
+        raise UnprocessableImageError(str(exc)) from exc
 
 
 # -- the built-in formats -------------------------------------------------------------------------------
@@ -351,6 +417,19 @@ BUILT_IN_FORMATS: tuple[OutputFormat[Any], ...] = (
         description="per image, in upload order, the most probable label and the class probabilities.",
         openapi={"example": CLASSIFY_EXAMPLE},
         cheap=True,
+    ),
+    OutputFormat(
+        task=ClassificationRunner.task,
+        name="dicom-sr",
+        media_type=SR_MEDIA_TYPE,
+        encoder=encode_dicom_sr,
+        description="a DICOM Structured Report (`application/dicom`; Comprehensive 3D SR, TID 1500 measurement "
+        "report) in the source's study, referencing the source image: the predicted label as a qualitative "
+        "evaluation, each class probability (or the `top_k` best) as a numeric one, the model as contributing "
+        "equipment, VerificationFlag UNVERIFIED. One image per request (several files: 422).",
+        needs_source=True,
+        check=check_sr_source,
+        one_image=True,
     ),
 )
 for built_in in BUILT_IN_FORMATS:

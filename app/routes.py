@@ -34,7 +34,7 @@ from app.errors import (
     from_image_error,
     retry_after,
 )
-from app.outputs import check_input, output_formats, spoken_list
+from app.outputs import check_image_count, check_input, output_formats, spoken_list
 from app.registry import ModelHandle, ModelRegistry
 from app.runners import ClassificationRunner, SegmentationRunner
 from app.schemas import (
@@ -200,6 +200,7 @@ async def answer_images(call: ImageRequest) -> Response:
         # One place per image: the first before the body is read, the others once their number is known.
         reservations = [places.enter_context(batcher.reserve())]
         uploads = await read_uploads(request, max_files=settings.max_files if multiple else 1)
+        check_image_count(output_format, len(uploads))
         reservations += [places.enter_context(batcher.reserve()) for _ in uploads[1:]]
         decoded = await asyncio.gather(
             *(

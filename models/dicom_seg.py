@@ -2,9 +2,11 @@
 
 ``build_dicom_seg`` writes a BINARY Segmentation (SOP class 1.2.840.10008.5.1.4.1.1.66.4) with highdicom: one
 segment per foreground class (class 0 is the background and gets no segment), segment number = class index,
-``SegmentLabel`` = class name. The SEG belongs to the source image's study (same StudyInstanceUID, patient and
-study attributes copied from the source as the IOD requires), is a new series, and references the source
-series and SOP instance. Segmented property codes are generic (category SCT 85756007 "Tissue"; type: the class
+``SegmentLabel`` = class name. The SEG belongs to the source image's study (same StudyInstanceUID; of the
+patient and study only the attributes the IOD requires are copied from the source, ``source_for_highdicom``), is
+a new series (random UIDs, or the caller's: ``models.dicom_uids``), and references the source series and SOP
+instance. For a projection source (DX, CR: no plane orientation) it carries the source's Patient Orientation,
+which the General Image module then requires. Segmented property codes are generic (category SCT 85756007 "Tissue"; type: the class
 index in the private coding scheme ``99MEDSERVE`` with the class name as meaning) because a model's class names
 carry no coded meaning.
 
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, generate_uid
 
 from models import __version__
 from models.dicom import install_privacy_guards
@@ -43,6 +45,59 @@ _TYPE2_SOURCE_KEYWORDS = (
     "StudyDate",
     "StudyTime",
     "ReferringPhysicianName",
+)
+# What of the source's patient and study a result keeps (highdicom copies every Patient and Study module attribute
+# it finds): the Type 1, 2 and conditional attributes of the Patient (PS3.3 C.7.1.1) and General Study
+# (C.7.2.1) modules, the issuer of the patient ID (to match the ID across domains) and the de-identification
+# marks. Every other attribute of the patient groups (0010, 0012: demographics, comments, other IDs, clinical
+# trial subject) and the optional General Study / Patient Study attributes below are dropped from the copy.
+PATIENT_GROUPS = (0x0010, 0x0012)
+KEPT_PATIENT_KEYWORDS = frozenset(
+    {
+        "PatientName",
+        "PatientID",
+        "IssuerOfPatientID",
+        "IssuerOfPatientIDQualifiersSequence",
+        "PatientBirthDate",
+        "PatientSex",
+        "PatientSpeciesDescription",
+        "PatientSpeciesCodeSequence",
+        "PatientBreedDescription",
+        "PatientBreedCodeSequence",
+        "BreedRegistrationSequence",
+        "ResponsiblePerson",
+        "ResponsiblePersonRole",
+        "ResponsibleOrganization",
+        "PatientIdentityRemoved",
+        "DeidentificationMethod",
+        "DeidentificationMethodCodeSequence",
+    }
+)
+DROPPED_STUDY_KEYWORDS = (
+    "StudyDescription",
+    "ReferringPhysicianIdentificationSequence",
+    "ConsultingPhysicianName",
+    "ConsultingPhysicianIdentificationSequence",
+    "IssuerOfAccessionNumberSequence",
+    "PhysiciansOfRecord",
+    "PhysiciansOfRecordIdentificationSequence",
+    "NameOfPhysiciansReadingStudy",
+    "PhysiciansReadingStudyIdentificationSequence",
+    "RequestingServiceCodeSequence",
+    "ReferencedStudySequence",
+    "ProcedureCodeSequence",
+    "ReasonForPerformedProcedureCodeSequence",
+    "AdmittingDiagnosesDescription",
+    "AdmittingDiagnosesCodeSequence",
+    "AdmissionID",
+    "IssuerOfAdmissionIDSequence",
+    "ServiceEpisodeID",
+    "ServiceEpisodeDescription",
+    "IssuerOfServiceEpisodeIDSequence",
+    "Occupation",
+    "AdditionalPatientHistory",
+    "ReasonForVisit",
+    "ReasonForVisitCodeSequence",
 )
 _LO_MAX = 64  # DICOM LO value length
 
@@ -103,18 +158,39 @@ def _check_mask(mask: np.ndarray, dataset: Dataset, n_classes: int) -> np.ndarra
     return arr.astype(np.uint8 if n_classes <= 256 else np.uint16)
 
 
-def _source_for_highdicom(dataset: Dataset) -> Dataset:
-    """A shallow copy with empty Type 2 attributes added; the caller's dataset is not modified."""
+def source_for_highdicom(dataset: Dataset) -> Dataset:
+    """The source as highdicom gets it to copy the patient and study from: a shallow copy with only the patient
+    and study attributes a result needs to belong to the study (see ``KEPT_PATIENT_KEYWORDS``), empty Type 2
+    attributes added, and Modality OT when it has none. The caller's dataset is not modified."""
     copy = Dataset()
     copy.update(dataset)  # a new element dict (Dataset(ds) and copy.copy would share the source's)
     if hasattr(dataset, "file_meta"):
         copy.file_meta = dataset.file_meta
+    for element in list(copy):
+        if element.tag.group in PATIENT_GROUPS and element.keyword not in KEPT_PATIENT_KEYWORDS:
+            del copy[element.tag]
+    for keyword in DROPPED_STUDY_KEYWORDS:
+        if keyword in copy:
+            delattr(copy, keyword)
     for keyword in _TYPE2_SOURCE_KEYWORDS:
         if keyword not in copy:
             setattr(copy, keyword, "")
     if not copy.get("Modality"):
         copy.Modality = "OT"
     return copy
+
+
+def new_or_checked_uid(value: str | None, keyword: str) -> str:
+    """``value`` when it is a valid UID, a new random ``2.25.`` UID when it is None or empty.
+
+    Raises:
+        ValueError: ``value`` is not a valid UID (named by ``keyword``; a caller's value, quoted).
+    """
+    if not value:
+        return str(generate_uid(prefix=None))
+    if not UID(value).is_valid:
+        raise ValueError(f"{keyword} {value!r} is not a valid UID")
+    return value
 
 
 def build_dicom_seg(
@@ -126,6 +202,8 @@ def build_dicom_seg(
     algorithm_version: str = "",
     series_description: str = "MedServe segmentation",
     series_number: int = 1,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
 ) -> bytes:
     """Encodes a label mask as a DICOM Segmentation object referencing its source image.
 
@@ -137,13 +215,17 @@ def build_dicom_seg(
         algorithm_version: the algorithm version (e.g. the checkpoint's version hash).
         series_description: SeriesDescription of the new SEG series.
         series_number: SeriesNumber of the new SEG series.
+        series_instance_uid: the SEG's SeriesInstanceUID; None: a new random UID (e.g.
+            ``models.dicom_uids.result_series_uid`` makes a repeat delivery land in the same series).
+        sop_instance_uid: the SEG's SOPInstanceUID; None: a new random UID (e.g.
+            ``models.dicom_uids.result_instance_uid`` makes a repeat delivery replace the first).
 
     Returns:
         The SEG as DICOM Part 10 bytes (media type ``application/dicom``).
 
     Raises:
         DicomSegError: the source is not DICOM or highdicom cannot reference it (e.g. an unknown SOP class).
-        ValueError: bad arguments (mask shape or labels, fewer than two classes).
+        ValueError: bad arguments (mask shape or labels, fewer than two classes, a UID that is not one).
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -152,6 +234,8 @@ def build_dicom_seg(
     if len(classes) < 2:
         raise ValueError("a DICOM SEG needs a background class and at least one foreground class")
     labels = _check_mask(mask, dataset, len(classes))
+    series_uid = new_or_checked_uid(series_instance_uid, "series_instance_uid")
+    instance_uid = new_or_checked_uid(sop_instance_uid, "sop_instance_uid")
     version = algorithm_version or __version__
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name[:_LO_MAX], family=codes.cid7162.ArtificialIntelligence, version=version[:_LO_MAX]
@@ -172,13 +256,13 @@ def build_dicom_seg(
     ]
     try:
         seg = hd.seg.Segmentation(
-            source_images=[_source_for_highdicom(dataset)],
+            source_images=[source_for_highdicom(dataset)],
             pixel_array=labels,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=segments,
-            series_instance_uid=hd.UID(),
+            series_instance_uid=series_uid,
             series_number=series_number,
-            sop_instance_uid=hd.UID(),
+            sop_instance_uid=instance_uid,
             instance_number=1,
             manufacturer="MedServe",
             manufacturer_model_name=algorithm_name[:_LO_MAX],
@@ -195,6 +279,10 @@ def build_dicom_seg(
     except (AttributeError, TypeError, ValueError) as exc:
         # The exception text is not echoed: it could quote source attribute values.
         raise DicomSegError(f"cannot write a DICOM SEG for this source image ({type(exc).__name__})") from exc
+    if "PlaneOrientationSequence" not in seg.SharedFunctionalGroupsSequence[0]:
+        # A projection image (DX, CR, ...) has no plane orientation, so the General Image module's Patient
+        # Orientation (Type 2C) is required: the source's own, else empty (Type 2, orientation unknown).
+        seg.PatientOrientation = dataset.get("PatientOrientation", "")
     buffer = io.BytesIO()
     seg.save_as(buffer)
     return buffer.getvalue()

@@ -65,6 +65,17 @@ def registered(output_format: OutputFormat[RunnerT]) -> Iterator[OutputFormat[Ru
         unregister_output_format(output_format.task, output_format.name)
 
 
+@contextlib.contextmanager
+def unregistered(task: str, name: str) -> Iterator[None]:
+    """Removes a built-in format for the test and registers it again afterwards, whatever the test did."""
+    output_format = output_formats(task)[name]
+    unregister_output_format(task, name)
+    try:
+        yield
+    finally:
+        register_output_format(output_format)
+
+
 @pytest.fixture
 def mask_sum() -> Iterator[OutputFormat[SegmentationRunner]]:
     with registered(
@@ -150,14 +161,17 @@ async def test_a_second_classification_format_gives_classify_a_format_parameter(
     assert text.text == "dark\nbright\n"
     assert [p["label"] for p in default.json()["predictions"]] == ["dark", "bright"]
     parameters = schema["paths"]["/classify"]["post"]["parameters"]
-    assert next(p for p in parameters if p["name"] == "format")["schema"]["enum"] == ["json", "labels"]
+    enum = next(p for p in parameters if p["name"] == "format")["schema"]["enum"]
+    assert enum == ["json", "dicom-sr", "labels"]
 
 
 async def test_classify_has_no_format_parameter_with_one_format(tmp_path: Path) -> None:
     save_mean_classifier(tmp_path / "mean.pt")
-    async with serve(settings(tmp_path)) as (_, client):
-        schema = (await client.get("/openapi.json")).json()
+    with unregistered("classification", "dicom-sr"):  # json alone, as before dicom-sr was built in
+        async with serve(settings(tmp_path)) as (_, client):
+            schema = (await client.get("/openapi.json")).json()
     assert [p["name"] for p in schema["paths"]["/classify"]["post"]["parameters"]] == ["model", "top_k"]
+    assert list(output_formats("classification")) == ["json", "dicom-sr"]
 
 
 def test_a_format_needs_a_served_task_and_a_new_name() -> None:

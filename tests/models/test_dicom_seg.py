@@ -125,3 +125,68 @@ def test_seg_for_an_unknown_sop_class_is_refused_with_the_class_named():
     assert image.dicom is not None
     with pytest.raises(DicomSegError, match=r"1\.2\.826\.0\.1\.3680043\.9\.9999\.1"):
         build_dicom_seg(image.dicom, label_mask(8, 8) % 2, ["background", "x"])
+
+
+def test_given_uids_are_used_and_defaults_are_new():
+    from models.dicom_uids import result_instance_uid, result_series_uid
+
+    image = read_image(make_dicom(anatomy(8, 8)))
+    assert image.dicom is not None
+    source = image.dicom.dataset
+    series = result_series_uid(source.SeriesInstanceUID, "lungs", "v1", "seg")
+    instance = result_instance_uid(source.SOPInstanceUID, "v1", "seg")
+    mask = label_mask(8, 8) % 2
+    given = pydicom.dcmread(
+        io.BytesIO(
+            build_dicom_seg(
+                source, mask, ["background", "x"], series_instance_uid=series, sop_instance_uid=instance
+            )
+        )
+    )
+    assert (given.SeriesInstanceUID, given.SOPInstanceUID) == (series, instance)
+    assert given.file_meta.MediaStorageSOPInstanceUID == instance
+    one, two = (
+        pydicom.dcmread(io.BytesIO(build_dicom_seg(source, mask, ["background", "x"]))) for _ in range(2)
+    )
+    assert one.SOPInstanceUID != two.SOPInstanceUID and one.SeriesInstanceUID != two.SeriesInstanceUID
+    assert {one.SOPInstanceUID, one.SeriesInstanceUID}.isdisjoint({series, instance})
+    with pytest.raises(ValueError, match="series_instance_uid"):
+        build_dicom_seg(source, mask, ["background", "x"], series_instance_uid="1.2.abc")
+    with pytest.raises(ValueError, match="sop_instance_uid"):
+        build_dicom_seg(source, mask, ["background", "x"], sop_instance_uid="1.2.abc")
+
+
+def test_a_projection_seg_carries_the_patient_orientation_a_ct_seg_does_not_need():
+    from tests.models.dicom_sources import source_dataset
+
+    dx = source_dataset("DX")
+    mask = np.zeros((dx.Rows, dx.Columns), dtype=np.int64)
+    seg = pydicom.dcmread(io.BytesIO(build_dicom_seg(dx, mask, ["background", "x"])))
+    assert list(seg.PatientOrientation) == ["L", "F"]  # copied from the source
+    del dx.PatientOrientation
+    seg = pydicom.dcmread(io.BytesIO(build_dicom_seg(dx, mask, ["background", "x"])))
+    assert "PatientOrientation" in seg and seg.PatientOrientation == ""  # Type 2: present, empty (unknown)
+    assert "PatientOrientation" not in dx  # the source is not modified
+    ct = source_dataset("CT")
+    seg = pydicom.dcmread(
+        io.BytesIO(build_dicom_seg(ct, np.zeros((ct.Rows, ct.Columns), np.int64), ["b", "x"]))
+    )
+    assert "PatientOrientation" not in seg  # a plane image: the SEG has a Plane Orientation instead
+    assert "PlaneOrientationSequence" in seg.SharedFunctionalGroupsSequence[0]
+
+
+def test_only_the_patient_and_study_attributes_the_iod_needs_are_copied():
+    image = read_image(make_dicom(anatomy(8, 8)))
+    assert image.dicom is not None
+    source = image.dicom.dataset
+    source.PatientComments = "allergic to contrast"
+    source.OtherPatientIDsSequence = [Dataset()]
+    source.PatientAge = "054Y"
+    source.StudyDescription = f"{PATIENT_NAME} chest"
+    source.PatientIdentityRemoved = "NO"
+    seg = pydicom.dcmread(io.BytesIO(build_dicom_seg(source, label_mask(8, 8) % 2, ["background", "x"])))
+    assert str(seg.PatientName) == PATIENT_NAME and seg.PatientID == source.PatientID  # Type 2: required
+    assert seg.PatientIdentityRemoved == "NO"
+    for keyword in ("PatientComments", "OtherPatientIDsSequence", "PatientAge", "StudyDescription"):
+        assert keyword not in seg, keyword
+        assert keyword in source, keyword
