@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import torch
 
+from models.checkpoint import Architecture, CheckpointMetadata, save_checkpoint
+from models.preprocessing import Preprocessing
+from models.unet import UNet
 from tests.deploy.helpers import ROOT, Service, free_port, start, wait_for_status
 
 API_KEY = "pacs-flow-test-key-0123456789"
@@ -51,6 +55,29 @@ def wait_for(
             return
         time.sleep(every_s)
     raise AssertionError(f"never happened within {deadline_s:.0f} s: {what}\n{log() if log else ''}")
+
+
+def save_tiny_unet(folder: Path, name: str = "tiny") -> Path:
+    """A tiny U-Net checkpoint whose masks have both classes on the test images (CT_small: about 21 % lesion,
+    the DX of ``dx_dataset(96, seed=3)``: about 32 %): seed 2, the head's weights scaled up and its bias zeroed,
+    so the class follows the image content instead of a constant. Returns ``folder``."""
+    args: dict[str, Any] = {"in_channels": 1, "out_channels": 2, "channels": [4, 8]}
+    torch.manual_seed(2)
+    net = UNet(**args).eval()
+    head = net.head
+    assert head.bias is not None
+    with torch.no_grad():
+        head.weight.mul_(100.0)
+        head.bias.zero_()
+    meta = CheckpointMetadata(
+        task="segmentation",
+        architecture=Architecture(name="unet", args=args),
+        classes=["background", "lesion"],
+        preprocessing=Preprocessing(in_channels=1, img_size=(32, 32)),
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(folder / f"{name}.pt", net, meta)
+    return folder
 
 
 @dataclass

@@ -10,7 +10,9 @@ an absent Orthanc or plugin goes through ``tests.components.missing`` (a skip lo
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import os
 import signal
 import subprocess
 import time
@@ -54,6 +56,9 @@ class Orthanc:
     dicomweb_servers: dict[str, dict[str, Any]] = field(default_factory=dict)
     lua_scripts: list[Path] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # any other configuration option
+    # a shipped configuration (deploy/orthanc/orthanc.json) to start from: only this machine's parts are rewritten
+    base: dict[str, Any] | None = None
+    env: dict[str, str] = field(default_factory=dict)  # environment of the process (Orthanc expands ${VAR})
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -76,28 +81,35 @@ class Orthanc:
         return self.workdir / "orthanc.log"
 
     def configuration(self) -> dict[str, Any]:
-        config: dict[str, Any] = {
-            "Name": "medserve-test",
-            "StorageDirectory": str(self.workdir / "storage"),
-            "IndexDirectory": str(self.workdir / "storage"),
-            "HttpPort": self.http_port,
-            "DicomPort": self.dicom_port,
-            "DicomAet": self.aet,
-            "DicomCheckCalledAet": False,
-            "DicomAlwaysAllowStore": True,
-            "DicomAlwaysAllowEcho": True,
-            "DicomModalities": self.modalities,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": self.user is not None,
-            "RegisteredUsers": {self.user[0]: self.user[1]} if self.user else {},
-            "HttpsVerifyPeers": False,
-            "StableAge": 1,
-            "Plugins": [str(DICOMWEB_PLUGIN)],
-            "LuaScripts": [str(path) for path in self.lua_scripts],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": self.dicomweb_servers},
-            "ConcurrentJobs": 2,
-            "SaveJobs": False,
-        }
+        """The configuration file's content: ``base`` (if any) with the machine's parts set here."""
+        base = copy.deepcopy(self.base) if self.base else {}
+        dicomweb = {**base.get("DicomWeb", {}), "Enable": True, "Root": "/dicom-web/"}
+        dicomweb["Servers"] = {**dicomweb.get("Servers", {}), **self.dicomweb_servers}
+        config: dict[str, Any] = base
+        config.update(
+            {
+                "Name": base.get("Name", "medserve-test"),
+                "StorageDirectory": str(self.workdir / "storage"),
+                "IndexDirectory": str(self.workdir / "storage"),
+                "HttpPort": self.http_port,
+                "DicomPort": self.dicom_port,
+                "DicomAet": self.aet,
+                "DicomCheckCalledAet": base.get("DicomCheckCalledAet", False),
+                "DicomAlwaysAllowStore": base.get("DicomAlwaysAllowStore", True),
+                "DicomAlwaysAllowEcho": base.get("DicomAlwaysAllowEcho", True),
+                "DicomModalities": {**base.get("DicomModalities", {}), **self.modalities},
+                "RemoteAccessAllowed": False,
+                "AuthenticationEnabled": self.user is not None,
+                "RegisteredUsers": {self.user[0]: self.user[1]} if self.user else {},
+                "HttpsVerifyPeers": False,
+                "StableAge": 1,
+                "Plugins": [str(DICOMWEB_PLUGIN)],
+                "LuaScripts": [str(path) for path in self.lua_scripts],
+                "DicomWeb": dicomweb,
+                "ConcurrentJobs": 2,
+                "SaveJobs": False,
+            }
+        )
         config.update(self.extra)
         return config
 
@@ -118,6 +130,7 @@ class Orthanc:
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
+                env={**os.environ, **self.env},
             )
         end = time.monotonic() + deadline_s
         last = "no answer"

@@ -15,33 +15,15 @@ from typing import Any
 
 import pydicom
 import pytest
-import torch
 
-from models.checkpoint import Architecture, CheckpointMetadata, save_checkpoint
 from models.dicom_uids import result_instance_uid
-from models.preprocessing import Preprocessing
-from models.unet import UNet
-from tests.pacs.flows import MedServeProcess, wait_for
+from tests.pacs.flows import MedServeProcess, save_tiny_unet, wait_for
 from tests.pacs.orthanc import Orthanc, orthanc_server
 from tests.pacs.sources import SEG_STORAGE, ct_dataset, part10, with_new_uids
 
 pytestmark = pytest.mark.slow
 
 OUTAGE_S = 30.0  # the outage; the test asserts on what arrives, not on how fast
-
-
-def save_tiny_unet(folder: Path, name: str = "tiny") -> Path:
-    args: dict[str, Any] = {"in_channels": 1, "out_channels": 2, "channels": [4, 8]}
-    torch.manual_seed(0)
-    meta = CheckpointMetadata(
-        task="segmentation",
-        architecture=Architecture(name="unet", args=args),
-        classes=["background", "lesion"],
-        preprocessing=Preprocessing(in_channels=1, img_size=(32, 32)),
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(folder / f"{name}.pt", UNet(**args).eval(), meta)
-    return folder
 
 
 def ct_instances(count: int) -> list[bytes]:
