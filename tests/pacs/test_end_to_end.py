@@ -10,6 +10,7 @@ delivered back into the same study; the SEG's mask is the PNG mask ``/segment`` 
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,9 +19,10 @@ import pydicom
 import pytest
 
 from tests.app.helpers import decode_png
-from tests.deploy.helpers import ROOT
+from tests.components import require_program
+from tests.deploy.helpers import ROOT, free_port
 from tests.pacs.flows import API_KEY, MedServeProcess, save_tiny_unet, wait_for
-from tests.pacs.orthanc import Orthanc, find_orthanc
+from tests.pacs.orthanc import Orthanc, find_orthanc, orthanc_server
 from tests.pacs.sources import SEG_STORAGE, ct_dataset, dx_dataset, part10
 
 pytestmark = pytest.mark.slow
@@ -106,3 +108,60 @@ def test_an_instance_uploaded_to_orthanc_gets_its_seg_in_the_same_study(
     assert mask.shape == png_mask.shape == (int(source.Rows), int(source.Columns))
     assert 0 < int(mask.sum()) < mask.size  # a mask with both classes: the comparison means something
     assert np.array_equal(mask, png_mask)
+
+
+def test_dimse_in_and_c_store_out(tmp_path: Path) -> None:
+    """A DIMSE-only setup: storescu sends to MedServe's DICOM port, MedServe C-STOREs the SEG to Orthanc."""
+    storescu = require_program("storescu", "dcmtk")
+    dimse_port = free_port()
+    with orthanc_server(tmp_path / "orthanc", extra={"DicomCheckCalledAet": True}) as orthanc:
+        medserve = MedServeProcess(
+            tmp_path / "medserve",
+            save_tiny_unet(tmp_path / "models"),
+            env={
+                "MEDSERVE_DIMSE_DESTINATION": orthanc.dimse_destination,
+                "MEDSERVE_DIMSE_PORT": str(dimse_port),
+                "MEDSERVE_DIMSE_HOST": "127.0.0.1",
+                "MEDSERVE_DIMSE_ALLOWED": "MODALITY@127.0.0.1",
+            },
+        )
+        medserve.start()
+        try:
+            sources = [ct_dataset(), dx_dataset(64, seed=5)]
+            files = []
+            for index, source in enumerate(sources):
+                path = tmp_path / f"{index}.dcm"
+                path.write_bytes(part10(source))
+                files.append(str(path))
+            sent = subprocess.run(
+                [
+                    storescu,
+                    "-v",
+                    "-aet",
+                    "MODALITY",
+                    "-aec",
+                    "MEDSERVE",
+                    "127.0.0.1",
+                    str(dimse_port),
+                    *files,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+            assert (sent.stdout + sent.stderr).count("Received Store Response (Success)") == 2
+            wait_for(lambda: len(medserve.jobs(state="done")) == 2, "2 jobs done", log=medserve.output)
+            jobs = medserve.jobs()
+        finally:
+            medserve.stop()
+        assert sorted(job["source"] for job in jobs) == ["dimse", "dimse"]
+        for source in sources:
+            (seg_id,) = results_in_study(orthanc, str(source.StudyInstanceUID))
+            seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc.instance_file(seg_id)))
+            referenced = (
+                seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+            )
+            assert referenced == source.SOPInstanceUID
+        assert len(orthanc.instances()) == 2  # the two SEGs (the sources went to MedServe only)

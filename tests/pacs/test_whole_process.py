@@ -156,3 +156,24 @@ def test_an_archive_outage_delays_results_but_loses_none(tmp_path: Path, orthanc
     assert set(stored) == expected_results(jobs, sources)
     assert {job["state"] for job in jobs} == {"done"}
     assert max(job["attempts"] for job in jobs) >= 2  # retried through the outage
+
+
+def test_an_archive_that_refuses_fails_the_job_with_its_reason_once(tmp_path: Path) -> None:
+    with orthanc_server(tmp_path / "orthanc", user=("medserve", "right-password")) as orthanc:
+        service = medserve(
+            tmp_path, orthanc, MEDSERVE_PACS_USERNAME="medserve", MEDSERVE_PACS_PASSWORD="wrong-password"
+        )
+        service.start()
+        try:
+            accept_all(service, ct_instances(2), per_request=2)
+            wait_for(lambda: len(service.jobs(state="failed")) == 2, "2 jobs failed", log=service.output)
+            time.sleep(2.0)  # were it retried, its attempts would grow (backoff 1 s)
+            jobs = service.jobs()
+        finally:
+            service.stop()
+        assert orthanc.instances() == []
+    assert [job["state"] for job in jobs] == ["failed", "failed"]
+    for job in jobs:
+        assert job["attempts"] == 1  # a 4xx is not retried
+        assert "HTTP 401 Unauthorized" in job["reason"], job["reason"]
+        assert "wrong-password" not in job["reason"]
