@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -583,14 +584,15 @@ class JobStore:
         return int(result.rowcount) == 1
 
     def instance_spooled(self, job_id: int) -> bool:
-        """Whether the job's instance still has its spooled file."""
+        """Whether the job's instance still has its spooled file (recorded, and on disk)."""
         query = (
             select(instances.c.spool_path)
             .join(jobs, jobs.c.instance_id == instances.c.id)
             .where(jobs.c.id == job_id)
         )
         with self._begin() as db:
-            return db.execute(query).scalar() is not None
+            path = db.execute(query).scalar()
+        return path is not None and os.path.exists(path)
 
     # -- spool clean-up, metrics ----------------------------------------------------------------------------
 
