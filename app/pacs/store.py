@@ -283,7 +283,8 @@ class JobStore:
         now = self.clock()
         with self._begin() as db:
             inserted = db.execute(
-                self._insert(instances).values(
+                self._insert(instances)
+                .values(
                     sop_instance_uid=instance.sop_instance_uid,
                     study_instance_uid=instance.study_instance_uid,
                     series_instance_uid=instance.series_instance_uid,
@@ -294,13 +295,14 @@ class JobStore:
                     source=instance.source,
                     received_at=now,
                 )
+                .returning(instances.c.id)
             )
             row = db.execute(
                 select(instances.c.id, instances.c.spool_path).where(
                     instances.c.sop_instance_uid == instance.sop_instance_uid
                 )
             ).one()
-            known = int(inserted.rowcount) == 0
+            known = inserted.first() is None  # RETURNING gives no row when the instance was there
             if known and row.spool_path is None:
                 # Sent again after its file was deleted: the new copy serves retries.
                 db.execute(
