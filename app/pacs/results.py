@@ -30,7 +30,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 SEG = "seg"
 SR = "sr"
@@ -96,7 +96,7 @@ class ResultSink(Protocol):
 
 class FolderSink:
     """Writes each result as ``<folder>/<SOP Instance UID>.dcm`` (temp file, fsync, rename: a repeat delivery
-    replaces the file) and appends one line ``<job id> <SOP Instance UID> <kind> <model>`` per delivery to
+    replaces the file) and appends one line ``<job id> <SOP Instance UID> <kind> <model> <pid>`` per delivery to
     ``<folder>/deliveries.log`` (one ``O_APPEND`` write per line, so several processes may share the folder).
 
     A folder that cannot be written (disk full, permissions) is a transient failure: it may be fixed.
@@ -112,7 +112,9 @@ class FolderSink:
             raise PermanentDeliveryError("the result has no valid SOP Instance UID")
         target = self.folder / f"{result.sop_instance_uid}.dcm"
         temporary = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        line = f"{result.job_id} {result.sop_instance_uid} {result.kind} {result.model}\n".encode()
+        line = (
+            f"{result.job_id} {result.sop_instance_uid} {result.kind} {result.model} {os.getpid()}\n".encode()
+        )
         try:
             with open(temporary, "wb") as handle:
                 handle.write(result.part10)
@@ -135,15 +137,26 @@ class FolderSink:
             ) from exc
 
 
-def read_delivery_log(folder: Path) -> list[tuple[int, str, str, str]]:
-    """The lines of a ``FolderSink``'s delivery log: (job id, SOP Instance UID, kind, model), in order."""
+class Delivery(NamedTuple):
+    """One line of a ``FolderSink``'s delivery log."""
+
+    job_id: int
+    sop_instance_uid: str
+    kind: str
+    model: str
+    pid: int
+
+
+def read_delivery_log(folder: Path) -> list[Delivery]:
+    """The deliveries a ``FolderSink`` logged in ``folder``, in order."""
     path = folder / DELIVERY_LOG
     if not path.exists():
         return []
     entries = []
     for line in path.read_text().splitlines():
-        job, uid, kind, model = line.split(" ", 3)
-        entries.append((int(job), uid, kind, model))
+        job, uid, kind, rest = line.split(" ", 3)
+        model, pid = rest.rsplit(" ", 1)
+        entries.append(Delivery(int(job), uid, kind, model, int(pid)))
     return entries
 
 

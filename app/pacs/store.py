@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -282,7 +283,8 @@ class JobStore:
         now = self.clock()
         with self._begin() as db:
             inserted = db.execute(
-                self._insert(instances).values(
+                self._insert(instances)
+                .values(
                     sop_instance_uid=instance.sop_instance_uid,
                     study_instance_uid=instance.study_instance_uid,
                     series_instance_uid=instance.series_instance_uid,
@@ -293,13 +295,14 @@ class JobStore:
                     source=instance.source,
                     received_at=now,
                 )
+                .returning(instances.c.id)
             )
             row = db.execute(
                 select(instances.c.id, instances.c.spool_path).where(
                     instances.c.sop_instance_uid == instance.sop_instance_uid
                 )
             ).one()
-            known = int(inserted.rowcount) == 0
+            known = inserted.first() is None  # RETURNING gives no row when the instance was there
             if known and row.spool_path is None:
                 # Sent again after its file was deleted: the new copy serves retries.
                 db.execute(
@@ -583,14 +586,15 @@ class JobStore:
         return int(result.rowcount) == 1
 
     def instance_spooled(self, job_id: int) -> bool:
-        """Whether the job's instance still has its spooled file."""
+        """Whether the job's instance still has its spooled file (recorded, and on disk)."""
         query = (
             select(instances.c.spool_path)
             .join(jobs, jobs.c.instance_id == instances.c.id)
             .where(jobs.c.id == job_id)
         )
         with self._begin() as db:
-            return db.execute(query).scalar() is not None
+            path = db.execute(query).scalar()
+        return path is not None and os.path.exists(path)
 
     # -- spool clean-up, metrics ----------------------------------------------------------------------------
 

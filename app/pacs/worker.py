@@ -175,6 +175,9 @@ class JobWorker:
         self.owner = f"{socket.gethostname()[:32]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.stats = WorkerStats()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._delivering: set[asyncio.Task[Any]] = (
+            set()
+        )  # not cancelled at shutdown: a sent result is recorded
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._main: asyncio.Task[None] | None = None
@@ -201,11 +204,12 @@ class JobWorker:
 
     async def stop(self) -> None:
         """Cancels the loop and the jobs in hand and gives them back to the queue (another process or the next
-        start takes them)."""
+        start takes them); a delivery under way is let finish, so that its outcome is recorded."""
         self._stopping = True
         tasks = [t for t in (self._main, *self._tasks) if t is not None]
         for task in tasks:
-            task.cancel()
+            if task not in self._delivering:
+                task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
@@ -394,6 +398,16 @@ class JobWorker:
 
     async def _deliver(self, job: Claimed, result: ResultObject) -> None:
         attempts = job.attempts + 1
+        current = asyncio.current_task()
+        if self._stopping or current is None:
+            return  # shutting down: the result stays spooled for the next process
+        self._delivering.add(current)
+        try:
+            await self._attempt(job, result, attempts)
+        finally:
+            self._delivering.discard(current)
+
+    async def _attempt(self, job: Claimed, result: ResultObject, attempts: int) -> None:
         settings = self.settings
         try:
             await asyncio.to_thread(self.sink.deliver, result)
@@ -427,6 +441,7 @@ class JobWorker:
                 delay,
                 f"delivery attempt {attempts} failed: {reason}",
             )
+            asyncio.get_running_loop().call_later(delay, self._wake.set)  # look again when it falls due
             return
         if await asyncio.to_thread(self.store.delivered, job.id, self.owner, attempts):
             self.stats.delivered += 1
