@@ -7,6 +7,7 @@ Orthanc by STOW-RS and listening for DICOM on a free port. Then, in this order:
 1. ``/segment`` (HTTP path, no jobs in the system): ``--instances`` requests of the same CT instances (DICOM
    bodies), ``--concurrency`` at a time; images/s for the PNG answer and for ``format=dicom-seg`` (the work a
    job does, minus the delivery).
+   Every path also reports the CPU milliseconds per instance the service and Orthanc spent (``/proc``).
 2. STOW-RS: the same number of new instances in requests of ``--per-request``; instances/s accepted (the time
    of the requests alone), jobs/s processed (instances / the time from the first request to the last result
    stored in Orthanc) and the latency of each instance from its acceptance (its STOW-RS answer) to its SEG
@@ -131,6 +132,34 @@ def stow_body(parts: list[bytes]) -> tuple[bytes, str]:
         body + f"--{boundary}--\r\n".encode(),
         f'multipart/related; type="application/dicom"; boundary={boundary}',
     )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc; 0 when unreadable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds the service and Orthanc spend between ``start()`` and ``stop()``, per instance."""
+
+    def __init__(self, service: Service, orthanc: Orthanc) -> None:
+        assert orthanc.process is not None
+        self.pids = {"service": service.pid, "orthanc": orthanc.process.pid}
+        self.before: dict[str, float] = {}
+
+    def start(self) -> CpuMeter:
+        self.before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        return self
+
+    def per_instance(self, instances: int) -> dict[str, float]:
+        return {
+            f"{name}_cpu_ms_per_instance": 1000.0 * (cpu_seconds(pid) - self.before[name]) / instances
+            for name, pid in self.pids.items()
+        }
 
 
 # ---- watching Orthanc ---------------------------------------------------------------------------------------------
@@ -365,15 +394,18 @@ def print_table(report: dict[str, Any]) -> None:
     print(
         f"\nPACS throughput ({report['instances']} instances of {report['size']}x{report['size']}, model {report['model']})"
     )
-    print(f"{'path':<28}{'in/s':>9}{'jobs/s':>9}{'p50 s':>9}{'p95 s':>9}")
+    print(f"{'path':<28}{'in/s':>9}{'jobs/s':>9}{'p50 s':>9}{'p95 s':>9}{'cpu ms':>9}{'orthanc':>9}")
     for row in report["http"]:
         print(
-            f"{row['endpoint']:<28}{row['images_per_s']:>9.2f}{'':>9}{row['latency_p50_s']:>9.3f}{row['latency_p95_s']:>9.3f}"
+            f"{row['endpoint']:<28}{row['images_per_s']:>9.2f}{'':>9}{row['latency_p50_s']:>9.3f}"
+            f"{row['latency_p95_s']:>9.3f}{row['service_cpu_ms_per_instance']:>9.1f}"
+            f"{row['orthanc_cpu_ms_per_instance']:>9.1f}"
         )
     for row in report["jobs"]:
         print(
             f"{row['path'] + ' -> Orthanc':<28}{row['accepted_per_s']:>9.2f}{row['jobs_per_s']:>9.2f}"
-            f"{row['latency_p50_s']:>9.3f}{row['latency_p95_s']:>9.3f}"
+            f"{row['latency_p50_s']:>9.3f}{row['latency_p95_s']:>9.3f}{row['service_cpu_ms_per_instance']:>9.1f}"
+            f"{row['orthanc_cpu_ms_per_instance']:>9.1f}"
         )
     big = report["stow_50"]
     print(
@@ -438,23 +470,28 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(service.wait_ready())
         maker = Instances(args.size)
         http_bodies = [data for _, data in maker.make(args.instances)]
-        http = [
-            http_throughput(service.base, http_bodies, args.concurrency, ""),
-            http_throughput(service.base, http_bodies, args.concurrency, "?format=dicom-seg"),
-        ]
+        http = []
+        for query in ("", "?format=dicom-seg"):
+            meter = CpuMeter(service, orthanc).start()
+            row = http_throughput(service.base, http_bodies, args.concurrency, query)
+            http.append({**row, **meter.per_instance(args.instances)})
         watch = ArchiveWatch(orthanc).start()
         try:
             stow_instances = maker.make(args.instances)
+            meter = CpuMeter(service, orthanc).start()
             sent, started, accept_s = stow_phase(
                 service.base, stow_instances, args.per_request, watch, service
             )
+            cpu = meter.per_instance(args.instances)
             version = model_version(service.base)
-            jobs = [drained("STOW-RS", sent, started, accept_s, watch, version)]
+            jobs = [{**drained("STOW-RS", sent, started, accept_s, watch, version), **cpu}]
             dimse_instances = maker.make(args.instances)
+            meter = CpuMeter(service, orthanc).start()
             sent, started, accept_s = storescu_phase(
                 storescu, dimse_port, dimse_instances, workdir / "files", watch, service
             )
-            jobs.append(drained("storescu (C-STORE)", sent, started, accept_s, watch, version))
+            cpu = meter.per_instance(args.instances)
+            jobs.append({**drained("storescu (C-STORE)", sent, started, accept_s, watch, version), **cpu})
             big = big_requests(service.base, Instances(args.big_size, seed=1), args.repeats, watch, service)
         finally:
             watch.stop()
