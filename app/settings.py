@@ -166,17 +166,22 @@ class Settings(BaseSettings):
         default=30.0, gt=0.0, le=3600.0, description="network time-out of one delivery (STOW-RS or C-STORE)"
     )
     dimse_port: int | None = Field(
-        default=None, ge=1, le=65535, description="with a port, MedServe is a DICOM node (C-ECHO, C-STORE SCP)"
+        default=None,
+        ge=1,
+        le=65535,
+        description="with a port, MedServe is a DICOM node (C-ECHO, C-STORE SCP)",
     )
     dimse_ae_title: str = Field(
-        default="MEDSERVE", min_length=1, max_length=16, description="MedServe's AE title (called and calling)"
+        default="MEDSERVE",
+        min_length=1,
+        max_length=16,
+        description="MedServe's AE title (called and calling)",
     )
     dimse_allowed: str = Field(
         default="",
         description="comma-separated AE@host entries allowed to associate; empty refuses every caller",
     )
     dimse_host: str = Field(default="0.0.0.0", description="address the DICOM port listens on")
-
 
     @property
     def max_batch_delay_s(self) -> float:
