@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -78,9 +79,21 @@ def _current_intake(app: FastAPI) -> IntakeLike | None:
 
 
 def _start_dimse(dimse: DimseServer, settings: Settings) -> None:
+    """Starts the DICOM node. With several workers (``MEDSERVE_WORKERS``) the first to bind the port takes the
+    associations; the others go on without it (their jobs come from the same store)."""
     try:
         dimse.start()
     except OSError as exc:
+        if exc.errno == errno.EADDRINUSE and settings.workers > 1:
+            logger.warning(
+                "%s=%d is held by another worker of this service (%s=%d): this worker takes no DICOM "
+                "associations",
+                env_name("dimse_port"),
+                settings.dimse_port,
+                env_name("workers"),
+                settings.workers,
+            )
+            return
         error = SettingsError(f"{env_name('dimse_port')}={settings.dimse_port}: cannot listen ({exc})")
         logger.error("%s", error)
         raise error from exc

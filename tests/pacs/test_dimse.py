@@ -361,3 +361,38 @@ async def test_without_a_port_there_is_no_node(tmp_path: Path) -> None:
     save_pixel_model(tmp_path / "pixel.pt")
     async with serve(settings(tmp_path)) as (app, _client):
         assert app.state.dimse is None
+
+
+@pytest.mark.anyio
+async def test_a_dicom_port_in_use_stops_the_start_naming_the_setting(tmp_path: Path) -> None:
+    from tests.app.helpers import save_pixel_model, serve, settings
+
+    save_pixel_model(tmp_path / "pixel.pt")
+    holder = start_scp(RecordingIntake(), "")
+    try:
+        config = settings(tmp_path, dimse_port=holder.port, dimse_host="127.0.0.1")
+        with pytest.raises(SettingsError, match=f"MEDSERVE_DIMSE_PORT={holder.port}: cannot listen"):
+            async with serve(config):
+                pass
+    finally:
+        holder.stop()
+
+
+@pytest.mark.anyio
+async def test_with_several_workers_the_port_goes_to_the_first(
+    dcmtk: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.app.helpers import save_pixel_model, serve, settings
+
+    save_pixel_model(tmp_path / "pixel.pt")
+    port = free_port()
+    config = settings(
+        tmp_path, dimse_port=port, dimse_host="127.0.0.1", dimse_allowed="ECHOSCU@127.0.0.1", workers=2
+    )
+    async with serve(config) as (first, _client):
+        assert first.state.dimse.running
+        async with serve(config) as (second, _other):  # another worker of the same service
+            assert not second.state.dimse.running
+            assert "is held by another worker of this service" in caplog.text
+            ok = run([dcmtk["echoscu"], "-aet", "ECHOSCU", "-aec", "MEDSERVE", "127.0.0.1", str(port)])
+            assert ok.returncode == 0  # the first worker answers
