@@ -192,14 +192,15 @@ async def store_instances(request: Request, study_instance_uid: str | None) -> R
     return stow_response(results)
 
 
+STOW_CONTENT = {DICOM_JSON: {"schema": {"type": "object"}}}
 STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "every instance was stored",
-        "content": {DICOM_JSON: {"schema": {"type": "object"}}},
+    200: {"description": "every instance was stored", "content": STOW_CONTENT},
+    202: {
+        "description": "some instances were stored; FailedSOPSequence lists the others",
+        "content": STOW_CONTENT,
     },
-    202: {"description": "some instances were stored; FailedSOPSequence lists the others"},
-    409: {"description": "no instance was stored; FailedSOPSequence says why"},
-    **problem_responses(400, 415, 503, 507),
+    409: {"description": "no instance was stored; FailedSOPSequence says why", "content": STOW_CONTENT},
+    **problem_responses(400, 413, 415, 422, 503, 507),
 }
 
 
