@@ -22,14 +22,14 @@ import asyncio
 import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from app.errors import InvalidRequest
 from app.pacs.problems import JobConflict, JobNotFound
 from app.pacs.pull import pull_study
-from app.pacs.store import CANCELLED, DELIVERING, FAILED, QUEUED, RUNNING
+from app.pacs.store import CANCELLED, DELIVERING, FAILED, MAX_ID, QUEUED, RUNNING
 from app.pacs.stow import pacs_of
 from app.schemas import problem_responses
 
@@ -40,6 +40,7 @@ MAX_PAGE = 1000
 StateName = Literal["queued", "running", "delivering", "done", "failed", "skipped", "cancelled"]
 RETRYABLE = (FAILED, CANCELLED)
 CANCELLABLE = (QUEUED, RUNNING, DELIVERING)
+JobId = Annotated[int, Path(ge=1, le=MAX_ID, description="the job's id")]
 
 
 class PullRequest(BaseModel):
@@ -88,7 +89,7 @@ async def _job_or_404(request: Request, job_id: int) -> dict[str, Any]:
     "/jobs",
     summary="Pull a study from the archive and make its jobs",
     status_code=201,
-    responses=problem_responses(404, 409, 422, 502, 503, 507),
+    responses=problem_responses(400, 404, 409, 413, 422, 502, 503, 507),
 )
 async def create_jobs(request: Request, body: PullRequest) -> JSONResponse:
     """Fetches the study (or the series) from `MEDSERVE_PACS_URL` by QIDO-RS and WADO-RS and accepts each
@@ -118,7 +119,7 @@ async def create_jobs(request: Request, body: PullRequest) -> JSONResponse:
     )
 
 
-@router.get("/jobs", summary="List jobs", responses=problem_responses(422, 503))
+@router.get("/jobs", summary="List jobs", responses=problem_responses(400, 422, 503))
 async def list_jobs(
     request: Request,
     state: Annotated[StateName | None, Query(description="only jobs in this state")] = None,
@@ -131,7 +132,7 @@ async def list_jobs(
     pacs = pacs_of(request)
     after = 0
     if cursor is not None:
-        if not cursor.isdigit():
+        if not cursor.isdigit() or len(cursor) > 19 or int(cursor) > MAX_ID:
             raise InvalidRequest("cursor: not a cursor this service gave", extra={"errors": []})
         after = int(cursor)
     rows = await asyncio.to_thread(
@@ -143,17 +144,17 @@ async def list_jobs(
     return JSONResponse({"jobs": [job_view(row) for row in rows], "next_cursor": next_cursor})
 
 
-@router.get("/jobs/{job_id}", summary="One job", responses=problem_responses(404, 503))
-async def get_job(request: Request, job_id: int) -> JSONResponse:
+@router.get("/jobs/{job_id}", summary="One job", responses=problem_responses(400, 404, 422, 503))
+async def get_job(request: Request, job_id: JobId) -> JSONResponse:
     return JSONResponse(job_view(await _job_or_404(request, job_id)))
 
 
 @router.post(
     "/jobs/{job_id}/retry",
     summary="Queue a failed or cancelled job again",
-    responses=problem_responses(404, 409, 503),
+    responses=problem_responses(400, 404, 409, 422, 503),
 )
-async def retry_job(request: Request, job_id: int) -> JSONResponse:
+async def retry_job(request: Request, job_id: JobId) -> JSONResponse:
     """A `failed` or `cancelled` job goes back to `queued` (attempts reset), if its instance is still spooled
     (keep it longer with MEDSERVE_SPOOL_RETENTION_S, or send the instance again)."""
     pacs = pacs_of(request)
@@ -173,8 +174,8 @@ async def retry_job(request: Request, job_id: int) -> JSONResponse:
     return JSONResponse(job_view(await _job_or_404(request, job_id)))
 
 
-@router.delete("/jobs/{job_id}", summary="Cancel a job", responses=problem_responses(404, 409, 503))
-async def cancel_job(request: Request, job_id: int) -> JSONResponse:
+@router.delete("/jobs/{job_id}", summary="Cancel a job", responses=problem_responses(400, 404, 409, 422, 503))
+async def cancel_job(request: Request, job_id: JobId) -> JSONResponse:
     """Cancels a `queued`, `running` or `delivering` job; finished jobs answer 409."""
     pacs = pacs_of(request)
     row = await _job_or_404(request, job_id)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -53,6 +54,9 @@ class _StoreState(Collector):
         yield from (jobs, age)
 
 
+_BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, JobMetrics] = weakref.WeakKeyDictionary()
+
+
 class JobMetrics:
     """The job system's metrics in ``registry`` (the app's ``ServiceMetrics.registry``)."""
 
@@ -77,6 +81,16 @@ class JobMetrics:
         )
         self._state = _StoreState(store)
         registry.register(self._state)
+
+    @classmethod
+    def of(cls, registry: CollectorRegistry, store: JobStore) -> JobMetrics:
+        """The job metrics of ``registry``, made on first use; a later lifespan of the same app (tests run
+        several) reads the new store into the same series instead of registering them twice."""
+        metrics = _BY_REGISTRY.get(registry)
+        if metrics is None:
+            metrics = _BY_REGISTRY[registry] = cls(registry, store)
+        metrics._state.store = store
+        return metrics
 
     def observe_received(self, source: str, outcome: str) -> None:
         self.received.labels(source, outcome).inc()

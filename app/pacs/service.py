@@ -112,7 +112,7 @@ def open_pacs(
         variable = env_name("jobs_db") if isinstance(exc, StoreError) else env_name("spool_dir")
         detail = exc.strerror if isinstance(exc, OSError) else str(exc)
         raise SettingsError(f"{variable}: the job system cannot start: {detail}") from exc
-    metrics = JobMetrics(metrics_registry, store)
+    metrics = JobMetrics.of(metrics_registry, store)
     sink = select_sink(settings, spool)
     intake = Intake(store, spool, router, RegistryCatalog(registry), on_accept=metrics.observe_received)
     worker = JobWorker(

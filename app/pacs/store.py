@@ -76,11 +76,14 @@ MAX_RUNS = 3
 UID_LENGTH = 64  # PS3.5: a UID has at most 64 characters
 
 metadata = MetaData()
+# 64-bit ids on PostgreSQL; on SQLite an INTEGER PRIMARY KEY (the 64-bit rowid, auto-incremented).
+Id = BigInteger().with_variant(Integer, "sqlite")
+MAX_ID = 2**63 - 1
 
 instances = Table(
     "medserve_instances",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Id, primary_key=True, autoincrement=True),
     Column("sop_instance_uid", String(UID_LENGTH), nullable=False, unique=True),
     Column("study_instance_uid", String(UID_LENGTH), nullable=False, index=True),
     Column("series_instance_uid", String(UID_LENGTH), nullable=False),
@@ -95,8 +98,8 @@ instances = Table(
 jobs = Table(
     "medserve_jobs",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("instance_id", Integer, ForeignKey("medserve_instances.id"), nullable=False, index=True),
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("instance_id", Id, ForeignKey("medserve_instances.id"), nullable=False, index=True),
     Column("sop_instance_uid", String(UID_LENGTH), nullable=False),
     Column("study_instance_uid", String(UID_LENGTH), nullable=False, index=True),
     Column("series_instance_uid", String(UID_LENGTH), nullable=False),

@@ -25,8 +25,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydicom.dataset import Dataset
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
-from app.errors import BadRequest, NotReady, UnsupportedMediaType, retry_after
+from app.errors import BadRequest, NotReady, Problem, UnsupportedMediaType, retry_after
 from app.pacs.intake import OUT_OF_RESOURCES, AcceptResult, IntakeUnavailable
 from app.pacs.problems import JobsDisabled, SpoolFullProblem
 from app.pacs.service import PacsService
@@ -124,11 +125,9 @@ async def read_parts(request: Request, on_part: Callable[[bytes, str], Awaitable
                 count += 1
                 await on_part(data, content_type)
         parser.finalize()
-    except (BadRequest, NotReady):
+    except (Problem, ClientDisconnect):  # the size limit, a disconnect, the intake's own answers
         raise
-    except Exception as exc:
-        if isinstance(exc, IntakeUnavailable):
-            raise
+    except Exception as exc:  # python-multipart's parse errors
         raise BadRequest("the multipart/related body is malformed") from exc
     for data, content_type in finished:
         count += 1
@@ -193,14 +192,15 @@ async def store_instances(request: Request, study_instance_uid: str | None) -> R
     return stow_response(results)
 
 
+STOW_CONTENT = {DICOM_JSON: {"schema": {"type": "object"}}}
 STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "every instance was stored",
-        "content": {DICOM_JSON: {"schema": {"type": "object"}}},
+    200: {"description": "every instance was stored", "content": STOW_CONTENT},
+    202: {
+        "description": "some instances were stored; FailedSOPSequence lists the others",
+        "content": STOW_CONTENT,
     },
-    202: {"description": "some instances were stored; FailedSOPSequence lists the others"},
-    409: {"description": "no instance was stored; FailedSOPSequence says why"},
-    **problem_responses(400, 415, 503, 507),
+    409: {"description": "no instance was stored; FailedSOPSequence says why", "content": STOW_CONTENT},
+    **problem_responses(400, 413, 415, 422, 503, 507),
 }
 
 

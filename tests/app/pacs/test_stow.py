@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +177,19 @@ async def test_job_records_and_logs_hold_no_patient_data(
     for secret in (PATIENT_NAME.split("^")[0], "MRN-0042-XYZ"):
         assert secret not in listed and secret not in caplog.text
         assert secret.encode() not in database
+
+
+async def test_a_body_over_the_upload_limit_is_refused_with_413(pixel_dir: Path, tmp_path: Path) -> None:
+    parts = [to_bytes(instance(i, size=(64, 64))) for i in range(4)]
+    body, content_type = stow_body(parts)
+    config = settings(pixel_dir, max_upload_bytes=len(body) // 2, **pacs_settings(tmp_path))
+
+    async def chunks() -> AsyncIterator[bytes]:  # streamed without a Content-Length: cut off while read
+        for start in range(0, len(body), 4096):
+            yield body[start : start + 4096]
+
+    async with serve(config) as (_, client):
+        refused = await client.post(
+            "/dicomweb/studies", content=chunks(), headers={"content-type": content_type}
+        )
+    assert_problem(refused, 413, "payload-too-large")
