@@ -160,6 +160,18 @@ class Reservation(Generic[InputT, OutputT]):
     def __exit__(self, *exc: object) -> None:
         self.release()
 
+    def another(self) -> Reservation[InputT, OutputT]:
+        """A further place for the same request (e.g. its other files), taken while this one is held: granted
+        even when the batcher is stopping, which runs every request it admitted.
+
+        Raises:
+            QueueFullError: queued + announced requests already reach ``max_queue``.
+            RuntimeError: this reservation was already used or released.
+        """
+        if not self._held:
+            raise RuntimeError("this reservation was already used or released")
+        return self._batcher._take_place()
+
     def release(self) -> None:
         """Gives the place back (idempotent)."""
         if self._held:
@@ -285,6 +297,9 @@ class Batcher(Generic[InputT, OutputT]):
         """
         if self._closing:
             raise BatcherClosedError(f"model {self.name!r} is shutting down")
+        return self._take_place()
+
+    def _take_place(self) -> Reservation[InputT, OutputT]:
         if len(self._queue) + self._announced >= self.max_queue:
             self.stats.rejected += 1
             raise QueueFullError(

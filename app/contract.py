@@ -33,7 +33,7 @@ from torch import nn
 from models.checkpoint import CheckpointError, CheckpointMetadata
 from models.dicom_seg import safe_identifiers
 from models.imageio import DecodedImage, DicomRef, ImageError, read_image, resolve_intensity
-from models.inference import Precision, prepare_for_device
+from models.inference import Precision, forward, prepare_for_device
 
 OutputT = TypeVar("OutputT")
 RunnerT = TypeVar("RunnerT", bound="Runner[Any]")
@@ -75,6 +75,8 @@ class ModelInput:
         dicom_uids: the identifiers answers may echo (``safe_identifiers``) when the input was DICOM, else None.
         source: the source DICOM, kept only for formats that reference it (it holds patient data: never log it).
         source_format: the input's format (``png``, ``dicom``, ...).
+        raw: ``image`` is a network input given as such (the Open Inference Protocol): the model's output for
+            it is the network's raw output (logits), not the task's answer.
     """
 
     image: torch.Tensor
@@ -85,6 +87,12 @@ class ModelInput:
     dicom_uids: dict[str, str] | None = None
     source: DicomRef | None = None
     source_format: str = ""
+    raw: bool = False
+
+    @classmethod
+    def network_input(cls, tensor: torch.Tensor) -> ModelInput:
+        """A normalised (C, H, W) tensor to run through the network as it is (``raw``)."""
+        return cls(tensor, int(tensor.shape[-2]), int(tensor.shape[-1]), source_format="tensor", raw=True)
 
 
 @dataclass(frozen=True)
@@ -311,10 +319,30 @@ class Runner(ABC, Generic[OutputT]):
         h, w = self.spec.working_size or self.spec.img_size
         return ModelInput(torch.zeros(self.spec.in_channels, h, w), h, w)
 
-    def run_batch(self, inputs: list[ModelInput]) -> list[OutputT]:
-        """``predict`` under ``torch.inference_mode()``: what the batcher calls in the model's thread."""
+    def network_outputs(self, images: list[torch.Tensor]) -> list[np.ndarray]:
+        """The network's raw outputs (float32 numpy, one per image) for same-sized normalised inputs."""
+        outputs: list[np.ndarray] = []
+        for start in range(0, len(images), self.forward_batch_size):
+            chunk = torch.stack(images[start : start + self.forward_batch_size])
+            outputs.extend(row.numpy() for row in forward(self.model, chunk, self.device, self.precision))
+        return outputs
+
+    def run_batch(self, inputs: list[ModelInput]) -> list[Any]:
+        """What the batcher calls in the model's thread, under ``torch.inference_mode()``: ``predict`` for the
+        task's inputs, ``network_outputs`` for ``raw`` ones, in one batch and in the inputs' order."""
         with torch.inference_mode():
-            return self.predict(inputs)
+            if not any(item.raw for item in inputs):
+                return list(self.predict(inputs))
+            answers: list[Any] = [None] * len(inputs)
+            task_items = [i for i, item in enumerate(inputs) if not item.raw]
+            raw_items = [i for i, item in enumerate(inputs) if item.raw]
+            if task_items:
+                for i, output in zip(task_items, self.predict([inputs[i] for i in task_items]), strict=True):
+                    answers[i] = output
+            raw_outputs = self.network_outputs([inputs[i].image for i in raw_items])
+            for i, raw_output in zip(raw_items, raw_outputs, strict=True):
+                answers[i] = raw_output
+            return answers
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /models`` shows about the model."""

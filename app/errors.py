@@ -64,9 +64,22 @@ class Unauthorized(Problem):
     description = "Send a valid API key as `X-API-Key: KEY` or `Authorization: Bearer KEY`."
 
 
+class Forbidden(Problem):
+    status, slug, title = 403, "forbidden", "Scope missing"
+    description = (
+        "The API key is valid but lacks the scope this endpoint needs (infer, jobs or admin); admin endpoints "
+        "are refused when no API keys are configured."
+    )
+
+
 class ModelNotFound(Problem):
     status, slug, title = 404, "model-not-found", "Unknown model"
     description = "No model of the needed task has this name; GET /models lists them."
+
+
+class VersionNotFound(Problem):
+    status, slug, title = 404, "version-not-found", "Unknown model version"
+    description = "The model has no loaded version of this name; GET /models lists each model's versions."
 
 
 class NotFound(Problem):
@@ -163,7 +176,9 @@ PROBLEM_TYPES: dict[str, type[Problem]] = {
         InvalidImage,
         BadRequest,
         Unauthorized,
+        Forbidden,
         ModelNotFound,
+        VersionNotFound,
         NotFound,
         MethodNotAllowed,
         PayloadTooLarge,
@@ -236,9 +251,17 @@ def problem_body(problem: Problem, instance: str | None = None) -> dict[str, Any
     return body
 
 
-def problem_response(problem: Problem, instance: str | None = None) -> JSONResponse:
+# The Open Inference Protocol's clients (tritonclient) read an error's message from an ``error`` member.
+OPEN_INFERENCE_PREFIX = "/v2/"
+
+
+def problem_response(problem: Problem, instance: str | None = None, *, path: str = "") -> JSONResponse:
+    """The problem's response; under ``/v2/`` (the Open Inference Protocol) with ``error`` = the detail too."""
+    body = problem_body(problem, instance)
+    if path.startswith(OPEN_INFERENCE_PREFIX):
+        body.setdefault("error", problem.detail)
     return JSONResponse(
-        problem_body(problem, instance),
+        body,
         status_code=problem.status,
         headers=problem.headers,
         media_type=PROBLEM_JSON,
@@ -253,7 +276,7 @@ def _respond(request: Request, problem: Problem, exc: BaseException) -> JSONResp
         logger.error("%s -> %d %s (%s)", where, problem.status, problem.slug, instance, exc_info=exc)
     else:
         logger.info("%s -> %d %s (%s)", where, problem.status, problem.slug, instance)
-    return problem_response(problem, instance)
+    return problem_response(problem, instance, path=request.url.path)
 
 
 async def handle_exception(request: Request, exc: Exception) -> JSONResponse:

@@ -7,7 +7,7 @@ batcher after it has run what it accepted, then the thread pool.
 
 Around the routes (outermost first): ``RequestContext`` (request id, access log, metrics), ``ApiKeyAuth``
 (optional API keys), ``BodySizeLimit`` (``MAX_UPLOAD_BYTES`` while the body is read). ``GET /metrics`` comes
-from ``app.metrics``.
+from ``app.metrics``; ``GET /`` (the viewer page) and ``GET /viewer/{name}`` from ``app.viewer``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from fastapi import FastAPI
 
-from app.auth import AccessPolicy, ApiKeyAuth, include_routes, load_api_keys
+from app import admin
+from app.auth import ADMIN, INFER, JOBS, AccessPolicy, ApiKeyAuth, include_routes, load_api_keys
 from app.errors import install_error_handlers
+from app.kserve import router as kserve_router
 from app.logs import configure_logging
 from app.metrics import ServiceMetrics
 from app.metrics import router as metrics_router
@@ -38,6 +40,7 @@ from app.registry import ModelRegistry
 from app.routes import image_router, router
 from app.settings import Settings, SettingsError, check_runtime, env_name, load_settings
 from app.uploads import BodySizeLimit
+from app.viewer import viewer_router
 from models import __version__
 from models.inference import resolve_device
 
@@ -99,6 +102,13 @@ def _start_dimse(dimse: DimseServer, settings: Settings) -> None:
         raise error from exc
 
 
+async def _load_and_watch(registry: ModelRegistry, poll_s: float) -> None:
+    """Loads every model, then watches the model directory (``MODEL_POLL_S``; 0: no watcher)."""
+    await registry.load_all()
+    if poll_s > 0:
+        await registry.watch(poll_s)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # JSON logs on stderr unless logging was configured by someone else (a --log-config, a test runner); this
@@ -157,7 +167,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         raise
     app.state.pacs = pacs
     logger.info("loading %d checkpoint(s) from %s onto %s", len(registry.models), settings.model_dir, device)
-    loading = asyncio.create_task(registry.load_all(), name="load-models")
+    loading = asyncio.create_task(_load_and_watch(registry, settings.model_poll_s), name="load-models")
     if pacs is not None:
         pacs.start()
     try:
@@ -196,14 +206,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Which operations need a key is fixed here, so that OpenAPI documents what the middleware enforces.
     policy = AccessPolicy.from_settings(settings) if settings is not None else AccessPolicy.from_environment()
     app.state.declared_access_policy = policy
-    for routes in (
-        image_router(),
-        router,
-        metrics_router,
-        stow_router,
-        jobs_router,
-    ):  # the image routes follow the output formats
-        include_routes(app, routes, policy)
+    # The image routes follow the output formats; each router's scope is what a scoped key needs for it.
+    for routes, scope in (
+        (image_router(), INFER),
+        (router, None),
+        (metrics_router, None),
+        (admin.router, ADMIN),
+        (kserve_router, INFER),
+        (viewer_router(), None),  # GET /: the viewer page (open, see app.auth)
+        (stow_router, JOBS),
+        (jobs_router, JOBS),
+    ):
+        include_routes(app, routes, policy, scope=scope)
     return app
 
 

@@ -29,13 +29,14 @@ from app.errors import (
     PROBLEM_BASE,
     PROBLEM_TYPES,
     ClientDisconnected,
+    InvalidRequest,
     NotFound,
     NotReady,
     from_image_error,
     retry_after,
 )
 from app.outputs import check_image_count, check_input, output_formats, spoken_list
-from app.registry import ModelHandle, ModelRegistry
+from app.registry import ModelRegistry, ModelVersion
 from app.runners import ClassificationRunner, SegmentationRunner
 from app.schemas import (
     ClassifyResponse,
@@ -91,6 +92,14 @@ ModelQuery = Annotated[
         examples=["unet"],
     ),
 ]
+VersionQuery = Annotated[
+    str | None,
+    Query(
+        description="model version (see GET /models: the serving one and the previous ones kept); default "
+        "the serving version",
+        examples=["3f2a9c0d1e4b5a67"],
+    ),
+]
 
 
 async def in_pool(pool: Executor, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -131,7 +140,7 @@ def first_failure_raised(results: Sequence[T | BaseException]) -> list[T]:
     return cast(list[T], list(results))
 
 
-def _model_headers(handle: ModelHandle, runner: Runner[Any]) -> dict[str, str]:
+def _model_headers(handle: ModelVersion, runner: Runner[Any]) -> dict[str, str]:
     return {"X-Model-Name": handle.name, "X-Model-Version": runner.version}
 
 
@@ -181,6 +190,7 @@ class ImageRequest:
     output_format: OutputFormat[Any]
     options: ResponseOptions
     multiple: bool
+    version: str | None = None
 
 
 ImageAnswer = Callable[[ImageRequest], Awaitable[Response]]
@@ -193,15 +203,16 @@ async def answer_images(call: ImageRequest) -> Response:
     """
     request, settings, pool, multiple = call.http, call.settings, call.pool, call.multiple
     output_format, options = call.output_format, call.options
-    handle = call.registry.resolve(call.task, call.model)
+    # The version resolved now answers the request: its first place is taken before the next await.
+    handle = call.registry.resolve(call.task, call.model, call.version)
     runner, batcher = handle.runner, handle.batcher
-    assert runner is not None and batcher is not None
     with contextlib.ExitStack() as places:
         # One place per image: the first before the body is read, the others once their number is known.
         reservations = [places.enter_context(batcher.reserve())]
         uploads = await read_uploads(request, max_files=settings.max_files if multiple else 1)
         check_image_count(output_format, len(uploads))
-        reservations += [places.enter_context(batcher.reserve()) for _ in uploads[1:]]
+        # Places of the same request: granted even if the version was retired meanwhile.
+        reservations += [places.enter_context(reservations[0].another()) for _ in uploads[1:]]
         decoded = await asyncio.gather(
             *(
                 _decode(
@@ -239,15 +250,21 @@ async def answer_interactive(call: ImageRequest) -> Response:
     pool, options = call.pool, call.options
     if call.model is None:
         interactive.refuse_class_without_model(options.foreground_class)
+        if call.version is not None:
+            message = "version chooses a model's version: it needs ?model=NAME"
+            raise InvalidRequest(
+                f"invalid parameter(s): version ({message})",
+                extra={"errors": [{"loc": ["query", "version"], "msg": message}]},
+            )
         item, hints = await _read_image_and_hints(
             call, interactive.decode_for_graph_cut, need_foreground=True
         )
         mask = await in_pool(pool, interactive.cut_from_hints, item, hints)
         answerer = interactive.GRAPH_CUT_ANSWERER
     else:
-        handle = call.registry.resolve(call.task, call.model)
+        handle = call.registry.resolve(call.task, call.model, call.version)
         runner, batcher = handle.runner, handle.batcher
-        assert isinstance(runner, SegmentationRunner) and batcher is not None
+        assert isinstance(runner, SegmentationRunner)
         class_index = interactive.foreground_class_index(runner.classes, options.foreground_class)
         with batcher.reserve() as reservation:
             decode = functools.partial(runner.decode, keep_pixels=True)
@@ -394,10 +411,20 @@ def add_image_route(
         output_format: OutputFormat[Any] = choose_format,
         response_options: ResponseOptions = read_options,
         model: ModelQuery = None,
+        version: VersionQuery = None,
     ) -> Response:
         return await answer(
             ImageRequest(
-                request, registry, settings, pool, task, model, output_format, response_options, multiple
+                request,
+                registry,
+                settings,
+                pool,
+                task,
+                model,
+                output_format,
+                response_options,
+                multiple,
+                version,
             )
         )
 
@@ -523,7 +550,12 @@ def image_router() -> APIRouter:
 async def list_models(registry: RegistryDep) -> dict[str, Any]:
     """Every checkpoint of the model directory: task, version, classes, input size, training metrics, status
     (``failed`` ones with their error) and batching counters."""
-    return {"ready": registry.ready, "device": str(registry.device), "models": registry.describe()}
+    return {
+        "ready": registry.ready,
+        "device": str(registry.device),
+        "models": registry.describe(),
+        "draining": registry.describe_draining(),
+    }
 
 
 @router.get("/health/live", summary="Liveness", response_model=Health)

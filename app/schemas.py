@@ -58,6 +58,25 @@ class SegmentSummary(BaseModel):
     )
 
 
+class VersionInfo(BaseModel):
+    """One loaded version of a model."""
+
+    version: str = Field(description="content hash of the checkpoint; the value of ?version=")
+    state: str = Field(description="serving (takes requests without ?version=), previous (kept) or draining")
+    loaded_at: str = Field(description="when it was loaded (UTC, ISO 8601)")
+    load_seconds: float = Field(description="time to load and warm it up")
+    requests: int = Field(description="requests it has run")
+    queue_depth: int
+    announced: int
+
+
+class DrainingVersion(VersionInfo):
+    """A version taken out of service (replaced beyond KEEP_VERSIONS, or its file removed): it runs the
+    requests it admitted, then stops and releases its memory."""
+
+    name: str
+
+
 class ModelInfo(BaseModel):
     """One checkpoint of the model directory."""
 
@@ -97,12 +116,22 @@ class ModelInfo(BaseModel):
         default=None,
         description="batching counters: batch sizes, queue depth, time in queue and in the model",
     )
+    versions: list[VersionInfo] = Field(
+        default_factory=list,
+        description="loaded versions: the serving one first, then the previous ones kept",
+    )
+    reloading: bool | None = Field(
+        default=None, description="true while a new file loads and warms up (the serving version answers)"
+    )
 
 
 class ModelsResponse(BaseModel):
     ready: bool
     device: str
     models: list[ModelInfo]
+    draining: list[DrainingVersion] = Field(
+        default_factory=list, description="versions out of service still running the requests they admitted"
+    )
 
 
 class Health(BaseModel):

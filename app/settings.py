@@ -106,6 +106,20 @@ class Settings(BaseSettings):
     workers: int = Field(
         default=1, ge=1, le=64, description="worker processes of medserve serve, each with its own models"
     )
+    # -- models replaced without downtime (hot reload, versions) --
+    model_poll_s: float = Field(
+        default=10.0,
+        ge=0.0,
+        le=86_400.0,
+        description="seconds between scans of MODEL_DIR for new, replaced and removed checkpoints; 0 turns the "
+        "watcher off (POST /admin/models/reload still rescans)",
+    )
+    keep_versions: int = Field(
+        default=1,
+        ge=0,
+        le=16,
+        description="previous versions of each model kept loaded after a replacement (chosen with ?version=)",
+    )
 
     # -- PACS jobs: job store, spool, routing, pull and delivery retries (app/pacs, docs/pacs.md) --
     jobs_enabled: bool = Field(

@@ -60,7 +60,7 @@ class BodySizeLimit:
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             # Refused before reading a byte of the body.
-            await problem_response(_too_large(limit))(scope, receive, send)
+            await problem_response(_too_large(limit), path=scope["path"])(scope, receive, send)
             return
         seen = 0
 

@@ -95,20 +95,26 @@ def _probabilities(
 
 def library_dataset(dataset: Dataset) -> Dataset:
     """The dataset the image library entry is described from: ``dataset`` itself, or, when highdicom cannot
-    write the modality's descriptors (TID 1603/1604) for it because an attribute they need is optional and
-    absent (e.g. a CR without Imager Pixel Spacing, an empty Patient Orientation), a copy without Modality, so the
-    entry keeps the common descriptors (modality from the SOP class, rows, columns) and omits the others.
+    write the modality's descriptors (TID 1603/1604) for it because an attribute they need is optional, absent
+    or empty (e.g. a CR without Imager Pixel Spacing, an empty Patient Orientation, an MR without Slice
+    Thickness), a copy without Modality, so the entry keeps the common descriptors (modality from the SOP class,
+    rows, columns) and omits the others.
+
+    Raises:
+        KeyError, ValueError: the SOP class is no image storage class highdicom knows.
+        AttributeError, TypeError: the dataset lacks what every image has (Rows, Columns).
     """
     import highdicom as hd
 
     try:
         hd.sr.ImageLibraryEntryDescriptors(dataset)
-    except (AttributeError, IndexError, TypeError):
-        copy = Dataset()
-        copy.update(dataset)
-        copy.Modality = ""
-        return copy
-    return dataset
+        return dataset
+    except (AttributeError, IndexError, TypeError, ValueError):
+        common = Dataset()
+        common.update(dataset)
+        common.Modality = ""
+        hd.sr.ImageLibraryEntryDescriptors(common)  # the common descriptors alone; raises as documented
+        return common
 
 
 def build_dicom_sr(
@@ -180,6 +186,8 @@ def build_dicom_sr(
             f"cannot write a DICOM SR: the source SOP class {dataset.get('SOPClassUID')} is not a known image "
             "storage class"
         ) from exc
+    except (AttributeError, TypeError) as exc:  # not echoed: it could quote source attribute values
+        raise DicomSrError(f"cannot write a DICOM SR for this source image ({type(exc).__name__})") from exc
     try:
         observer = hd.sr.ObserverContext(
             observer_type=codes.cid270.Device,

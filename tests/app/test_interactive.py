@@ -262,7 +262,7 @@ async def test_the_endpoint_is_documented_with_its_fields(tmp_path: Path) -> Non
     operation = schema["paths"]["/segment/interactive"]["post"]
     fields = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert fields["required"] == ["file", "hints"]
-    assert {p["name"] for p in operation["parameters"]} == {"model", "format", "class"}
+    assert {p["name"] for p in operation["parameters"]} == {"model", "version", "format", "class"}
     assert set(operation["responses"]["200"]["content"]) == {
         "image/png",
         "application/json",

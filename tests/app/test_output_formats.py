@@ -170,7 +170,11 @@ async def test_classify_has_no_format_parameter_with_one_format(tmp_path: Path) 
     with unregistered("classification", "dicom-sr"):  # json alone, as before dicom-sr was built in
         async with serve(settings(tmp_path)) as (_, client):
             schema = (await client.get("/openapi.json")).json()
-    assert [p["name"] for p in schema["paths"]["/classify"]["post"]["parameters"]] == ["model", "top_k"]
+    assert [p["name"] for p in schema["paths"]["/classify"]["post"]["parameters"]] == [
+        "model",
+        "version",
+        "top_k",
+    ]
     assert list(output_formats("classification")) == ["json", "dicom-sr"]
 
 

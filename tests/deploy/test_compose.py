@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -19,6 +22,10 @@ from tests.deploy.helpers import (
     option_value,
     parse_dockerfile,
 )
+
+# Services that run another project's image (no MedServe image, no GPU).
+THIRD_PARTY_SERVICES = ("nginx", "orthanc")
+ORTHANC_DIR = ROOT / "deploy" / "orthanc"
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +135,7 @@ def test_cpu_override_drops_every_gpu_reservation() -> None:
     assert set(override["services"]) <= set(base["services"])
     merged = interpolate(merge_compose(base, override), env={})
     for name, service in merged["services"].items():
-        if name == "nginx":
+        if name in THIRD_PARTY_SERVICES:
             continue
         assert not _has_gpu(service), name
         assert service["image"] == "medserve:cpu"
@@ -137,3 +144,43 @@ def test_cpu_override_drops_every_gpu_reservation() -> None:
     assert int(merged["services"]["medserve-replica"]["deploy"]["replicas"]) == 2
     assert _mount(merged["services"]["medserve"], "/models")["read_only"] is True
     assert "cpu" in {s.name.split("-")[-1] for s in parse_dockerfile().stages if s.name}
+
+
+def test_pacs_profile_runs_orthanc_wired_to_medserve(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    orthanc, medserve = services["orthanc"], services["medserve"]
+    assert orthanc["profiles"] == ["pacs"] and "profiles" not in medserve  # `--profile pacs up` runs both
+    image, tag = orthanc["image"].split(":")
+    assert image == "orthancteam/orthanc" and re.fullmatch(r"\d+\.\d+\.\d+", tag)  # pinned
+    assert not _has_gpu(orthanc)
+    assert orthanc["environment"]["DICOM_WEB_PLUGIN_ENABLED"] == "true"
+
+    # deploy/orthanc/ is Orthanc's configuration folder; its Lua script is where orthanc.json says
+    mount = _mount(orthanc, "/etc/orthanc")
+    assert mount["read_only"] is True and (ROOT / mount["source"]).resolve() == ORTHANC_DIR
+    config = json.loads((ORTHANC_DIR / "orthanc.json").read_text())
+    for script in config["LuaScripts"]:
+        relative = PurePosixPath(script).relative_to(mount["target"])
+        assert (ORTHANC_DIR / relative).is_file(), script
+    assert _mount(orthanc, "/var/lib/orthanc/db")["type"] == "volume"
+    assert "orthanc-db" in compose["volumes"]
+    published = {p.split(":")[-1] for p in orthanc["ports"]}
+    assert published == {str(config["HttpPort"]), str(config["DicomPort"])}
+
+    # MedServe stores its results in Orthanc's DICOMweb root, by service name and container port
+    pacs = urlsplit(medserve["environment"]["MEDSERVE_PACS_URL"])
+    assert (pacs.scheme, pacs.hostname, pacs.port) == ("http", "orthanc", config["HttpPort"])
+    assert pacs.path.rstrip("/") == config["DicomWeb"]["Root"].rstrip("/") == "/dicom-web"
+    assert medserve["environment"]["MEDSERVE_MODEL_DIR"] == parse_dockerfile().env()["MEDSERVE_MODEL_DIR"]
+
+    # Orthanc forwards to MedServe's STOW-RS root, by service name and the image's port, with the API key
+    server = config["DicomWeb"]["Servers"]["medserve"]
+    target = urlsplit(server["Url"])
+    port = option_value(parse_dockerfile().command(), "--port")
+    assert (target.scheme, target.hostname, str(target.port)) == ("http", "medserve", port)
+    assert target.path == "/dicomweb/"  # POST /dicomweb/studies: MedServe's STOW-RS
+    assert server["HttpHeaders"]["X-API-Key"] == "${MEDSERVE_API_KEY}"
+    assert "MEDSERVE_API_KEY" in orthanc["environment"]
+    with_key = interpolate(load_compose(COMPOSE), {"MEDSERVE_ORTHANC_API_KEY": "k-1"})["services"]["orthanc"]
+    assert with_key["environment"]["MEDSERVE_API_KEY"] == "k-1"
+    assert orthanc["depends_on"]["medserve"]["condition"] == "service_healthy"  # no forwards lost at start

@@ -167,11 +167,20 @@ def test_only_the_patient_and_study_attributes_the_iod_needs_are_copied() -> Non
     source.OtherPatientIDsSequence = [Dataset()]
     source.PatientComments = "allergic to contrast"
     source.InstitutionName = "St Elsewhere"
+    source.PatientAge = "063Y"
+    source.StudyDescription = f"{PATIENT_NAME} chest"
     plain = pydicom.dcmread(io.BytesIO(build_dicom_sr(source, PROBABILITIES)))
     assert (
         str(plain.PatientName) == PATIENT_NAME and plain.PatientID == source.PatientID
     )  # Type 2, as required
-    for keyword in ("PatientAddress", "OtherPatientIDsSequence", "PatientComments", "InstitutionName"):
+    dropped = (
+        "PatientAddress",
+        "OtherPatientIDsSequence",
+        "PatientComments",
+        "InstitutionName",
+        "PatientAge",
+    )
+    for keyword in (*dropped, "StudyDescription"):
         assert keyword not in plain, keyword
     assert "12 Elm Street" not in str(plain) and "contrast" not in str(plain)
 
@@ -193,3 +202,22 @@ def test_non_dicom_and_unknown_sop_class_sources_are_refused() -> None:
     assert image.dicom is not None
     with pytest.raises(DicomSrError, match=r"1\.2\.826\.0\.1\.3680043\.9\.9999\.1"):
         build_dicom_sr(image.dicom, PROBABILITIES)
+
+
+@pytest.mark.parametrize(
+    ("kind", "keyword"), [("CT", "PixelSpacing"), ("CT", "SliceThickness"), ("DX", None)]
+)
+def test_sources_without_optional_descriptor_attributes_still_get_an_image_library(
+    kind: str, keyword: str | None
+) -> None:
+    source = source_dataset(kind)
+    if keyword == "SliceThickness":
+        source.SliceThickness = None  # Type 2: present, empty
+    elif keyword is not None:
+        delattr(source, keyword)
+    else:
+        source.PatientOrientation = None  # Type 2C: present, empty
+    sr = hd.sr.srread(io.BytesIO(build_dicom_sr(source, PROBABILITIES)))
+    (library,) = [item for item in sr.content[0].ContentSequence if item.name.value == "111028"]
+    text = str(library)
+    assert source.SOPInstanceUID in text and "Pixel Data Rows" in text  # the common descriptors are kept

@@ -214,7 +214,17 @@ async def test_the_documented_security_is_what_is_enforced(model_dir: Path) -> N
                         protected.add(path)
                     else:
                         assert "401" not in operation["responses"] and response.status_code != 401, path
-        expected = {"/segment", "/segment/interactive", "/classify", "/models"}
+        expected = {"/segment", "/segment/interactive", "/classify", "/models", "/admin/models/reload"}
+        # The Open Inference Protocol: all but its two probes, which are open like /health/*.
+        expected |= {
+            "/v2",
+            "/v2/models/{name}",
+            "/v2/models/{name}/ready",
+            "/v2/models/{name}/infer",
+            "/v2/models/{name}/versions/{version}",
+            "/v2/models/{name}/versions/{version}/ready",
+            "/v2/models/{name}/versions/{version}/infer",
+        }
         if overrides:
             expected.add("/problems/{slug}")
         else:
