@@ -116,12 +116,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4, help="MAX_BATCH_SIZE (warm-up batches of 1 and this)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS / "reload_memory.json")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["service", "gc_only"],
+        default=["gc_only", "service"],
+        help="the releases to run, in this order",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     runs: dict[str, Any] = {}
     service_release = registry_module.release_freed_memory
-    for mode, release in (("service", service_release), ("gc_only", gc_only)):
-        registry_module.release_freed_memory = release  # the one function the registry calls after a drain
+    releases = {"service": service_release, "gc_only": gc_only}
+    for mode in args.modes:
+        registry_module.release_freed_memory = releases[mode]  # what the registry calls after a drain
         with tempfile.TemporaryDirectory() as model_dir:
             runs[mode] = asyncio.run(cycles(args, Path(model_dir), device))
     registry_module.release_freed_memory = service_release
@@ -137,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_batch_size": args.batch,
             "keep_versions": 1,
             "device": str(device),
+            "load_average_1min": round(os.getloadavg()[0], 2),
         },
         "runs": runs,
     }
