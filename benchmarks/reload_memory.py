@@ -4,9 +4,9 @@ Each cycle writes a new version of the checkpoint (new random weights, written t
 reloads it through the registry (``ModelRegistry.rescan``, what ``POST /admin/models/reload`` and the watcher
 call: load, warm-up, switch), runs one request through the new version, waits until the displaced version has
 drained, stopped and released its memory (``KEEP_VERSIONS=1``: two versions loaded at every measurement), and
-reads the process's resident set size after ``gc.collect()``. It runs the cycles twice: as the service does
-(``app.memory.release_freed_memory``: gc, glibc ``malloc_trim``, CUDA cache), and with the release reduced to
-``gc.collect()`` (what the process would keep without the trim).
+reads the process's resident set size after ``gc.collect()``. It runs the cycles twice, each in a fresh process:
+as the service does (``app.memory.release_freed_memory``: gc, glibc ``malloc_trim``, CUDA cache), and with the
+release reduced to ``gc.collect()`` (what the process would keep without the trim).
 
     python benchmarks/reload_memory.py                       # default U-Net (32..512), 30 cycles, CPU
     python benchmarks/reload_memory.py --cycles 10 --channels 8 16 32
@@ -22,6 +22,7 @@ import gc
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -123,16 +124,34 @@ def main(argv: list[str] | None = None) -> int:
         default=["gc_only", "service"],
         help="the releases to run, in this order",
     )
+    parser.add_argument("--one", choices=["service", "gc_only"], help=argparse.SUPPRESS)  # a child's mode
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    runs: dict[str, Any] = {}
-    service_release = registry_module.release_freed_memory
-    releases = {"service": service_release, "gc_only": gc_only}
-    for mode in args.modes:
-        registry_module.release_freed_memory = releases[mode]  # what the registry calls after a drain
+    if args.one is not None:  # a child process: one run, its result to --out
+        if args.one == "gc_only":
+            registry_module.release_freed_memory = gc_only  # what the registry calls after a drain
         with tempfile.TemporaryDirectory() as model_dir:
-            runs[mode] = asyncio.run(cycles(args, Path(model_dir), device))
-    registry_module.release_freed_memory = service_release
+            run = asyncio.run(cycles(args, Path(model_dir), device))
+        args.out.write_text(json.dumps(run))
+        return 0
+    runs: dict[str, Any] = {}
+    for mode in args.modes:  # each in a fresh process: the heap one run leaves must not start the next
+        with tempfile.TemporaryDirectory() as scratch:
+            part = Path(scratch) / "run.json"
+            child = [
+                sys.executable,
+                __file__,
+                "--one",
+                mode,
+                "--out",
+                str(part),
+                "--cycles",
+                str(args.cycles),
+            ]
+            child += ["--channels", *map(str, args.channels), "--size", str(args.size)]
+            child += ["--batch", str(args.batch), "--device", args.device]
+            subprocess.run(child, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            runs[mode] = json.loads(part.read_text())
     params = sum(p.numel() for p in UNet(channels=args.channels).parameters())
     result = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
