@@ -157,7 +157,11 @@ async def test_classify_has_no_format_parameter_with_one_format(tmp_path: Path) 
     save_mean_classifier(tmp_path / "mean.pt")
     async with serve(settings(tmp_path)) as (_, client):
         schema = (await client.get("/openapi.json")).json()
-    assert [p["name"] for p in schema["paths"]["/classify"]["post"]["parameters"]] == ["model", "version", "top_k"]
+    assert [p["name"] for p in schema["paths"]["/classify"]["post"]["parameters"]] == [
+        "model",
+        "version",
+        "top_k",
+    ]
 
 
 def test_a_format_needs_a_served_task_and_a_new_name() -> None:
