@@ -402,3 +402,18 @@ async def test_a_stopping_batcher_still_grants_more_places_to_a_request_it_admit
     assert results == [2, 4] and not batcher.running
     with pytest.raises(RuntimeError):
         first.another()  # used already
+
+
+async def test_metrics_list_each_loaded_version(tmp_path: Path) -> None:
+    first = save_constant(tmp_path / "seg.pt", BACKGROUND)
+    async with serve(reload_settings(tmp_path)) as (_, client):
+        second = save_constant(tmp_path / "seg.pt", FOREGROUND)
+        await client.post("/admin/models/reload", headers=HEADERS)
+        text = (await client.get("/metrics", headers=HEADERS)).text
+    lines = [line for line in text.splitlines() if line.startswith("medserve_model_version_info{")]
+    assert sorted(lines) == sorted(
+        [
+            f'medserve_model_version_info{{model="seg",state="serving",version="{second}"}} 1.0',
+            f'medserve_model_version_info{{model="seg",state="previous",version="{first}"}} 1.0',
+        ]
+    )
