@@ -317,10 +317,12 @@ def access_refusal(
 
 
 class ApiKeyAuth:
-    """ASGI middleware: refuses requests to protected paths without a valid key (401), before any body is read.
+    """ASGI middleware: refuses requests to protected paths without a valid key (401) or without the path's scope
+    (403), before any body is read.
 
     It reads ``app.state.api_keys`` (``ApiKeys`` or None: no authentication) and ``app.state.access_policy``,
-    both set by the lifespan. Before the lifespan has run, protected paths answer 503 (fail closed).
+    both set by the lifespan, and ``app.state.route_scopes`` (``RouteScopes``, filled by ``include_routes`` and
+    ``declare_scope``). Before the lifespan has run, protected paths answer 503 (fail closed).
     """
 
     def __init__(self, app: ASGIApp) -> None:

@@ -15,6 +15,11 @@ Policy:
     * Requests cancelled by their client while queued are dropped before inference. A request that has not
       started within ``timeout_s`` of its arrival gets ``RequestTimeoutError`` (-> 504) and is never run.
     * ``stop()`` refuses new requests, runs everything accepted, then ends the worker thread.
+    * Background work (``submit_background``: the PACS jobs) waits in a second, low-priority lane: a batch takes
+      the interactive requests first and fills only the places they leave with background work; while an
+      interactive request is being decoded, background work waits for it (up to the batch delay) instead of
+      starting a batch without it. So an interactive request waits behind at most the one batch already
+      running. Background work has no timeout and no place in ``max_queue`` (its producer bounds it).
     * ``stats`` counts batch sizes, queue depth, time in queue and time in the model.
 
 This module knows nothing of HTTP or torch: the routes map its errors to responses (``app.errors``) and the
@@ -239,6 +244,7 @@ class Batcher(Generic[InputT, OutputT]):
         self._clock = clock
         self._on_batch = on_batch
         self._queue: deque[_Request[InputT, OutputT]] = deque()
+        self._background: deque[_Request[InputT, OutputT]] = deque()
         self._announced = 0
         self._changed = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"medserve-model-{name}")
@@ -251,6 +257,11 @@ class Batcher(Generic[InputT, OutputT]):
     def queue_depth(self) -> int:
         """Requests decoded and waiting for the model."""
         return len(self._queue)
+
+    @property
+    def background_depth(self) -> int:
+        """Background requests (``submit_background``) waiting for the model."""
+        return len(self._background)
 
     @property
     def announced(self) -> int:
@@ -302,6 +313,18 @@ class Batcher(Generic[InputT, OutputT]):
         """Reserves and submits in one step (for inputs that are ready now). Raises as ``reserve``/``submit``."""
         return await self.reserve().submit(payload)
 
+    async def submit_background(self, payload: InputT) -> OutputT:
+        """Queues ``payload`` in the low-priority lane and waits for its result: it joins a batch only where
+        interactive requests leave room (see the module docstring). No timeout; cancelling drops it.
+
+        Raises:
+            BatcherClosedError: the batcher is stopping.
+            InferenceError: the model failed on this input.
+        """
+        if self._closing:
+            raise BatcherClosedError(f"model {self.name!r} is shutting down")
+        return await self._enqueue_and_wait(payload, self._clock(), background=True)
+
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs ``fn(*args)`` in the model's worker thread (e.g. a warm-up before ``start``)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -317,6 +340,7 @@ class Batcher(Generic[InputT, OutputT]):
         return {
             **self.stats.snapshot(),
             "queue_depth": len(self._queue),
+            "background_depth": len(self._background),
             "announced": self._announced,
             "max_batch_size": self.max_batch_size,
             "max_batch_delay_ms": 1000 * self.max_delay_s,
@@ -330,15 +354,22 @@ class Batcher(Generic[InputT, OutputT]):
         if wake:
             self._changed.set()
 
-    async def _enqueue_and_wait(self, payload: InputT, arrived_at: float) -> OutputT:
+    async def _enqueue_and_wait(
+        self, payload: InputT, arrived_at: float, background: bool = False
+    ) -> OutputT:
         now = self._clock()
         future: asyncio.Future[OutputT] = asyncio.get_running_loop().create_future()
-        request = _Request(payload, future, arrived_at, now, arrived_at + self.timeout_s)
-        self._queue.append(request)
-        self.stats.max_queue_depth = max(self.stats.max_queue_depth, len(self._queue))
+        deadline = float("inf") if background else arrived_at + self.timeout_s
+        request = _Request(payload, future, arrived_at, now, deadline)
+        if background:
+            self._background.append(request)
+        else:
+            self._queue.append(request)
+            self.stats.max_queue_depth = max(self.stats.max_queue_depth, len(self._queue))
         self._changed.set()
         try:
-            done, _ = await asyncio.wait({future}, timeout=max(0.0, request.deadline - self._clock()))
+            timeout = None if background else max(0.0, request.deadline - self._clock())
+            done, _ = await asyncio.wait({future}, timeout=timeout)
             if not done and request.state is _State.QUEUED:
                 self._drop(request, _State.EXPIRED)
                 raise RequestTimeoutError(
@@ -358,7 +389,7 @@ class Batcher(Generic[InputT, OutputT]):
         else:
             self.stats.cancelled += 1
         with contextlib.suppress(ValueError):  # already taken by the collector, which skips it
-            self._queue.remove(request)
+            (self._queue if request in self._queue else self._background).remove(request)
         self._changed.set()
 
     async def _wait_for_change(self, timeout: float | None) -> None:
@@ -375,19 +406,32 @@ class Batcher(Generic[InputT, OutputT]):
 
     async def _next_batch(self) -> list[_Request[InputT, OutputT]] | None:
         """Waits for the next batch by the policy in the module docstring; ``None`` when stopped and empty."""
-        while not self._queue:
-            if self._closing and self._announced == 0:
-                return None
-            await self._wait_for_change(None)
-        deadline = self._queue[0].enqueued_at + self.max_delay_s
-        # Waiting only makes sense for requests that are announced: nothing else can join.
-        while self._queue and len(self._queue) < self.max_batch_size and self._announced > 0:
-            remaining = deadline - self._clock()
-            if remaining <= 0:
+        while True:
+            while not self._queue and not self._background:
+                if self._closing and self._announced == 0:
+                    return None
+                await self._wait_for_change(None)
+            if self._queue or self._announced == 0:
                 break
-            await self._wait_for_change(remaining)
+            # Only background work waits, and an interactive request is being decoded: it goes first, unless
+            # it takes longer than the batch delay (or is given up).
+            waited_until = self._clock() + self.max_delay_s
+            while not self._queue and self._announced > 0 and self._clock() < waited_until:
+                await self._wait_for_change(waited_until - self._clock())
+            if not self._queue:
+                break
+        if self._queue:
+            deadline = self._queue[0].enqueued_at + self.max_delay_s
+            # Waiting only makes sense for requests that are announced: nothing else can join.
+            while self._queue and len(self._queue) < self.max_batch_size and self._announced > 0:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    break
+                await self._wait_for_change(remaining)
         size = min(len(self._queue), self.max_batch_size)
-        return [self._queue.popleft() for _ in range(size)]
+        batch = [self._queue.popleft() for _ in range(size)]
+        fill = min(len(self._background), self.max_batch_size - size)
+        return batch + [self._background.popleft() for _ in range(fill)]
 
     async def _collect_forever(self) -> None:
         try:
@@ -397,10 +441,11 @@ class Batcher(Generic[InputT, OutputT]):
                     return
                 await self._execute(batch)
         except asyncio.CancelledError:
-            for request in self._queue:
+            for request in (*self._queue, *self._background):
                 if not request.future.done():
                     request.future.set_exception(BatcherClosedError(f"model {self.name!r} stopped"))
             self._queue.clear()
+            self._background.clear()
             raise
 
     def _run_checked(self, payloads: list[InputT]) -> Sequence[OutputT]:

@@ -272,7 +272,7 @@ def _respond(request: Request, problem: Problem, exc: BaseException) -> JSONResp
     instance = f"urn:uuid:{uuid.uuid4()}"
     # Never log the detail: it may carry a client file name. Status, type, path and instance suffice.
     where = f"{request.method} {request.url.path}"
-    if problem.status >= 500 and problem.status not in (503, 504):
+    if problem.status >= 500 and problem.status not in (503, 504, 507):
         logger.error("%s -> %d %s (%s)", where, problem.status, problem.slug, instance, exc_info=exc)
     else:
         logger.info("%s -> %d %s (%s)", where, problem.status, problem.slug, instance)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -24,13 +25,17 @@ import torch
 from fastapi import FastAPI
 
 from app import admin
-from app.auth import ADMIN, INFER, AccessPolicy, ApiKeyAuth, include_routes, load_api_keys
+from app.auth import ADMIN, INFER, JOBS, AccessPolicy, ApiKeyAuth, include_routes, load_api_keys
 from app.errors import install_error_handlers
 from app.kserve import router as kserve_router
 from app.logs import configure_logging
 from app.metrics import ServiceMetrics
 from app.metrics import router as metrics_router
 from app.middleware import RequestContext
+from app.pacs.dimse import DimseServer, IntakeLike, dimse_server_from_settings
+from app.pacs.jobs import router as jobs_router
+from app.pacs.service import open_pacs
+from app.pacs.stow import router as stow_router
 from app.registry import ModelRegistry
 from app.routes import image_router, router
 from app.settings import Settings, SettingsError, check_runtime, env_name, load_settings
@@ -71,6 +76,32 @@ def _startup_settings(app: FastAPI) -> Settings:
     return settings
 
 
+def _current_intake(app: FastAPI) -> IntakeLike | None:
+    pacs = getattr(app.state, "pacs", None)
+    return pacs.intake if pacs is not None else None
+
+
+def _start_dimse(dimse: DimseServer, settings: Settings) -> None:
+    """Starts the DICOM node. With several workers (``MEDSERVE_WORKERS``) the first to bind the port takes the
+    associations; the others go on without it (their jobs come from the same store)."""
+    try:
+        dimse.start()
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE and settings.workers > 1:
+            logger.warning(
+                "%s=%d is held by another worker of this service (%s=%d): this worker takes no DICOM "
+                "associations",
+                env_name("dimse_port"),
+                settings.dimse_port,
+                env_name("workers"),
+                settings.workers,
+            )
+            return
+        error = SettingsError(f"{env_name('dimse_port')}={settings.dimse_port}: cannot listen ({exc})")
+        logger.error("%s", error)
+        raise error from exc
+
+
 async def _load_and_watch(registry: ModelRegistry, poll_s: float) -> None:
     """Loads every model, then watches the model directory (``MODEL_POLL_S``; 0: no watcher)."""
     await registry.load_all()
@@ -91,10 +122,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         except ValueError as exc:
             raise SettingsError(f"{env_name('device')}={settings.device!r}: {exc}") from exc
         api_keys = load_api_keys(settings)
+        # DICOM node (MEDSERVE_DIMSE_PORT): its C-STOREs go to the job system's intake
+        dimse = dimse_server_from_settings(settings, lambda: _current_intake(app))
     except SettingsError as exc:
         logger.error("%s", exc)
         raise
     app.state.api_keys = api_keys
+    app.state.dimse = dimse
     # Enforced as declared on the routes (and so documented), whatever the environment says by now.
     app.state.access_policy = app.state.declared_access_policy
     if api_keys is None:
@@ -125,15 +159,30 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.settings = settings
     app.state.pool = pool
     app.state.registry = registry
+    try:  # the job system (app.pacs): store, spool, routing rules; its worker starts once models are loaded
+        pacs = await asyncio.to_thread(open_pacs, settings, registry, pool, metrics.registry)
+    except SettingsError as exc:
+        logger.error("%s", exc)
+        pool.shutdown(wait=False)
+        raise
+    app.state.pacs = pacs
     logger.info("loading %d checkpoint(s) from %s onto %s", len(registry.models), settings.model_dir, device)
     loading = asyncio.create_task(_load_and_watch(registry, settings.model_poll_s), name="load-models")
+    if pacs is not None:
+        pacs.start()
     try:
+        if dimse is not None:
+            _start_dimse(dimse, settings)
         yield
     finally:
+        if dimse is not None:
+            dimse.stop()  # no new instances while the rest stops
         if not loading.done():
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
+        if pacs is not None:
+            await pacs.stop()  # its jobs in hand go back to the queue before the batchers stop
         waiting = sum(
             h.batcher.queue_depth + h.batcher.announced for h in registry.models.values() if h.batcher
         )
@@ -165,6 +214,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         (admin.router, ADMIN),
         (kserve_router, INFER),
         (viewer_router(), None),  # GET /: the viewer page (open, see app.auth)
+        (stow_router, JOBS),
+        (jobs_router, JOBS),
     ):
         include_routes(app, routes, policy, scope=scope)
     return app

@@ -15,6 +15,7 @@ Read from the live state at each scrape (a custom collector):
 * ``medserve_queue_depth{model}`` (decoded, waiting) and ``medserve_queue_announced{model}`` (being read or
   decoded), ``medserve_queue_limit{model}``;
 * ``medserve_model_ready{model}`` (1 ready, 0 loading or failed), ``medserve_model_load_seconds{model}``;
+* ``medserve_model_version_info{model, version, state}``: 1 per loaded version (serving, previous, draining);
 * ``medserve_rejected_total{model, reason}`` (queue_full, timeout, cancelled, failed) from the batchers;
 * ``medserve_gpu_memory_allocated_bytes`` / ``_reserved_bytes`` / ``_max_allocated_bytes`` on CUDA only;
 * ``process_*`` (resident memory, CPU time, open files) from prometheus-client's process collector.
@@ -78,6 +79,13 @@ class _LiveState(Collector):
             "failed (the model raised)",
             labels=["model", "reason"],
         )
+        versions = GaugeMetricFamily(
+            "medserve_model_version_info",
+            "1 per loaded version of a model (state: serving, previous or draining)",
+            labels=["model", "version", "state"],
+        )
+        for version in [v for h in registry.models.values() for v in h.versions] + list(registry.draining):
+            versions.add_metric([version.name, version.version, version.state], 1.0)
         for name, handle in list(registry.models.items()):
             ready.add_metric([name], 1.0 if handle.status == "ready" else 0.0)
             if handle.load_seconds is not None:
@@ -96,7 +104,7 @@ class _LiveState(Collector):
                 ("failed", stats.failed),
             ):
                 refused.add_metric([name, reason], count)
-        yield from (depth, announced, limit, ready, load, refused)
+        yield from (depth, announced, limit, ready, load, refused, versions)
         yield from _gpu_memory(registry.device)
 
 

@@ -348,6 +348,15 @@ class ModelRegistry:
                     logger.info("model %s: %s is changing; it is read at the next scan", name, path.name)
                     continue
             except FileNotFoundError:  # removed during the scan: the next scan retires it
+                if handle.digest is None and not handle.versions:
+                    del self.models[name]  # never loaded: nothing to retire
+                continue
+            except OSError as exc:  # unreadable (permissions, I/O error): recorded, tried again next scan
+                handle.error = f"{path.name}: cannot be read ({type(exc).__name__})"
+                if handle.current is None:
+                    handle.status = "failed"
+                logger.error("model %s: %s", name, handle.error)
+                report.failed.append(name)
                 continue
             if digest == handle.digest:  # touched, or rewritten with the same bytes
                 handle.signature = signature

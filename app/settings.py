@@ -121,6 +121,82 @@ class Settings(BaseSettings):
         description="previous versions of each model kept loaded after a replacement (chosen with ?version=)",
     )
 
+    # -- PACS jobs: job store, spool, routing, pull and delivery retries (app/pacs, docs/pacs.md) --
+    jobs_enabled: bool = Field(
+        default=True, description="the job system (STOW-RS, /jobs, the worker); false turns it off"
+    )
+    jobs_db: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the job store (postgresql://... is run with psycopg 3); default: "
+        "sqlite:///MODEL_DIR/.medserve/jobs.sqlite",
+    )
+    spool_dir: Path | None = Field(
+        default=None,
+        description="received instances and results waiting for delivery (default: beside JOBS_DB)",
+    )
+    spool_max_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="most bytes of received instances in the spool; 0: as much as the disk takes",
+    )
+    spool_retention_s: float = Field(
+        default=0.0, ge=0.0, description="keep a spooled instance this long after all its jobs finished"
+    )
+    routes: Path | None = Field(
+        default=None, description="YAML or JSON routing rules; default: every image to every ready model"
+    )
+    jobs_concurrency: int = Field(default=32, ge=1, le=4096, description="jobs in flight per service process")
+    jobs_lease_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="a running job whose process stopped renewing it is reclaimed after this",
+    )
+    results_dir: Path | None = Field(
+        default=None,
+        description="write results into this folder (when no archive is configured; default: SPOOL_DIR/results-out)",
+    )
+    pacs_url: str | None = Field(
+        default=None, description="the archive's DICOMweb root, e.g. http://orthanc:8042/dicom-web"
+    )
+    pacs_username: str | None = Field(default=None, description="HTTP basic user name for the archive")
+    pacs_password: SecretStr | None = Field(default=None, description="HTTP basic password for the archive")
+    delivery_max_attempts: int = Field(
+        default=8, ge=1, le=1000, description="delivery attempts of a result before its job fails"
+    )
+    delivery_backoff_s: float = Field(
+        default=1.0, gt=0.0, description="wait after the first failed delivery attempt (doubles, with jitter)"
+    )
+    delivery_backoff_max_s: float = Field(
+        default=300.0, gt=0.0, description="longest wait between delivery attempts"
+    )
+
+    # -- PACS delivery transports and DICOM networking (app/pacs/delivery.py, app/pacs/dimse.py) --
+    dimse_destination: str | None = Field(
+        default=None,
+        pattern=r"^[^@]{1,16}@[^:@]+:\d{1,5}$",
+        description="AE@host:port of a DIMSE-only archive: results go there by C-STORE instead of STOW-RS",
+    )
+    delivery_timeout_s: float = Field(
+        default=30.0, gt=0.0, le=3600.0, description="network time-out of one delivery (STOW-RS or C-STORE)"
+    )
+    dimse_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="with a port, MedServe is a DICOM node (C-ECHO, C-STORE SCP)",
+    )
+    dimse_ae_title: str = Field(
+        default="MEDSERVE",
+        min_length=1,
+        max_length=16,
+        description="MedServe's AE title (called and calling)",
+    )
+    dimse_allowed: str = Field(
+        default="",
+        description="comma-separated AE@host entries allowed to associate; empty refuses every caller",
+    )
+    dimse_host: str = Field(default="0.0.0.0", description="address the DICOM port listens on")
+
     @property
     def max_batch_delay_s(self) -> float:
         return self.max_batch_delay_ms / 1000.0

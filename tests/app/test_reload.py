@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from app import registry as registry_module
 from app.batching import Batcher, BatcherClosedError
 from app.errors import ModelNotFound, ModelRequired, VersionNotFound
 from app.registry import ModelRegistry
@@ -402,3 +403,41 @@ async def test_a_stopping_batcher_still_grants_more_places_to_a_request_it_admit
     assert results == [2, 4] and not batcher.running
     with pytest.raises(RuntimeError):
         first.another()  # used already
+
+
+async def test_metrics_list_each_loaded_version(tmp_path: Path) -> None:
+    first = save_constant(tmp_path / "seg.pt", BACKGROUND)
+    async with serve(reload_settings(tmp_path)) as (_, client):
+        second = save_constant(tmp_path / "seg.pt", FOREGROUND)
+        await client.post("/admin/models/reload", headers=HEADERS)
+        text = (await client.get("/metrics", headers=HEADERS)).text
+    lines = [line for line in text.splitlines() if line.startswith("medserve_model_version_info{")]
+    assert sorted(lines) == sorted(
+        [
+            f'medserve_model_version_info{{model="seg",state="serving",version="{second}"}} 1.0',
+            f'medserve_model_version_info{{model="seg",state="previous",version="{first}"}} 1.0',
+        ]
+    )
+
+
+async def test_an_unreadable_file_is_reported_and_the_previous_version_keeps_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = save_constant(tmp_path / "seg.pt", BACKGROUND)
+    async with serve(reload_settings(tmp_path)) as (_, client):
+        save_constant(tmp_path / "seg.pt", FOREGROUND)
+
+        def unreadable(path: Path) -> str:
+            raise PermissionError(13, "Permission denied", str(path))
+
+        monkeypatch.setattr(registry_module, "file_digest", unreadable)  # root reads any file: simulate it
+        report = (await client.post("/admin/models/reload", headers=HEADERS)).json()
+        served = await client.post("/segment", content=IMAGE, headers={**PNG, **HEADERS})
+        listing = (await client.get("/models", headers=HEADERS)).json()["models"][0]
+        monkeypatch.undo()
+        retried = (await client.post("/admin/models/reload", headers=HEADERS)).json()
+    assert report["failed"] == ["seg"] and report["versions"] == {"seg": first}
+    assert served.headers["x-model-version"] == first
+    assert listing["error"] == "seg.pt: cannot be read (PermissionError)" and listing["status"] == "ready"
+    assert str(tmp_path) not in listing["error"]
+    assert retried["replaced"] == ["seg"] and retried["versions"]["seg"] != first

@@ -1,0 +1,421 @@
+"""The one way an instance enters MedServe's job system: STOW-RS, the DIMSE C-STORE SCP and pull all call it.
+
+``Intake.accept_bytes(data, source)`` (or ``accept_dataset`` for a pydicom ``Dataset``) checks one DICOM
+instance, writes it durably into the spool (temp file, fsync, rename), records it in the job store and makes
+its jobs (one per model the routing rules name, or one ``skipped`` job when no rule matches), all before it
+returns: once it has answered ``accepted``, the instance survives a crash and leads to exactly one result per
+job. The same SOP Instance UID sent again is accepted again (``duplicate=True``) and makes no new job.
+
+Signatures (every method is thread-safe; the synchronous ones block on disk and database I/O, so call them
+from a worker thread, e.g. pynetdicom's handler thread, never from the event loop):
+
+    Intake.accept_bytes(data: bytes, source: str, *, study_instance_uid: str | None = None) -> AcceptResult
+    Intake.accept_dataset(dataset: pydicom.Dataset, source: str) -> AcceptResult
+    await Intake.accept_bytes_async(data, source, *, study_instance_uid=None) -> AcceptResult   (routes)
+
+``source`` is ``stow``, ``dimse`` or ``pull``. ``study_instance_uid``: the instance must belong to this study
+(STOW-RS to ``/dicomweb/studies/{StudyInstanceUID}``), else it fails with ``STUDY_MISMATCH``.
+
+A refused instance is not an exception: ``AcceptResult.accepted`` is False and ``failure_reason`` holds the
+DICOM status that says why (PS3.18 FailureReason for STOW-RS, PS3.4 C-STORE status for DIMSE), ``detail``
+the reason in words (never a tag value). ``IntakeUnavailable`` is raised when nothing can be accepted at all
+(models still loading, jobs disabled); a C-STORE SCP answers it with ``OUT_OF_RESOURCES`` (0xA700).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import io
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from app.pacs.routing import Decision, InstanceAttributes, Router
+from app.pacs.spool import Spool, SpoolFull
+from app.pacs.store import FAILED, SKIPPED, InstanceRecord, JobStore, NewJob
+
+logger = logging.getLogger("medserve.pacs.intake")
+
+# DICOM status codes (PS3.4 Annex B C-STORE statuses, used as PS3.18 STOW-RS FailureReason values).
+OUT_OF_RESOURCES = 0xA700  # the spool is full (MEDSERVE_SPOOL_MAX_BYTES or the disk)
+STUDY_MISMATCH = 0xA900  # "data set does not match": another study than the STOW-RS URL names
+CANNOT_UNDERSTAND = 0xC000  # not DICOM, truncated, or missing the UIDs every instance has
+PROCESSING_FAILURE = 0x0110  # the store or the spool failed unexpectedly
+
+SOURCES = ("stow", "dimse", "pull")
+
+
+class IntakeUnavailable(Exception):
+    """Nothing can be accepted now (models still loading, jobs disabled); the message says why."""
+
+
+@dataclass(frozen=True)
+class AcceptResult:
+    """What became of one instance.
+
+    Attributes:
+        accepted: spooled and recorded (or already known): it leads to its jobs' results.
+        sop_instance_uid / sop_class_uid / study_instance_uid / series_instance_uid: read from the instance
+            ("" when it could not be read).
+        duplicate: the instance was known already; no new job was made.
+        failure_reason: the DICOM status of a refusal (``OUT_OF_RESOURCES``, ``STUDY_MISMATCH``,
+            ``CANNOT_UNDERSTAND``, ``PROCESSING_FAILURE``); None when accepted.
+        detail: a refusal in words (no tag values).
+        job_ids: the instance's jobs (new or, for a duplicate, the existing ones).
+    """
+
+    accepted: bool
+    sop_instance_uid: str = ""
+    sop_class_uid: str = ""
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    duplicate: bool = False
+    failure_reason: int | None = None
+    detail: str = ""
+    job_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A model jobs may go to: its name, version and task, whether it serves (``ready``) and whether its task
+    has a DICOM result type (``has_result``)."""
+
+    name: str
+    version: str
+    task: str
+    ready: bool
+    has_result: bool
+
+
+class ModelCatalog(Protocol):
+    """The models the intake routes to (the registry, seen through ``app.pacs.worker.RegistryCatalog``)."""
+
+    def loaded(self) -> bool:
+        """Whether loading is over (before that, nothing is accepted)."""
+        ...
+
+    def choices(self) -> list[ModelChoice]: ...
+
+
+@dataclass(frozen=True)
+class Inspected:
+    """The identifiers and routing attributes of an instance that passed ``inspect_instance``."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    attributes: InstanceAttributes
+
+
+class InstanceError(ValueError):
+    """An instance that cannot be accepted; ``status`` is the DICOM failure reason."""
+
+    def __init__(self, message: str, status: int = CANNOT_UNDERSTAND) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _uid(ds: Dataset, keyword: str, where: Dataset | None = None) -> str:
+    value = (where if where is not None else ds).get(keyword)
+    uid = UID(str(value).strip()) if value is not None else UID("")
+    if not uid or not uid.is_valid:
+        raise InstanceError(f"the instance has no valid {keyword}")
+    return str(uid)
+
+
+def _int_or_none(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value is not None and value != "" else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _text_or_none(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    return str(value).strip() if value is not None and str(value).strip() else None
+
+
+def _check_complete(ds: Dataset, data: bytes) -> None:
+    """Raises ``InstanceError`` when the Part 10 bytes end before the data set does (a truncated transfer).
+
+    pydicom reads a truncated file without complaint, so each top-level element's value is checked against
+    the length its header declared, and encapsulated pixel data (the last element) against its delimiter.
+    """
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        if not isinstance(raw, RawDataElement) or raw.length == _UNDEFINED_LENGTH:
+            continue
+        if raw.value is not None and len(raw.value) != raw.length:
+            raise InstanceError("the instance is truncated (an element ends before its declared length)")
+    pixel = ds.get_item(0x7FE00010) if 0x7FE00010 in ds else None
+    last = max(ds.keys()) if len(ds) else None
+    encapsulated = isinstance(pixel, RawDataElement) and pixel.length == _UNDEFINED_LENGTH
+    if encapsulated and last == 0x7FE00010 and not data.endswith(_SEQUENCE_DELIMITER):
+        raise InstanceError("the instance is truncated (its encapsulated pixel data has no end)")
+    rows, columns = _int_or_none(ds, "Rows"), _int_or_none(ds, "Columns")
+    if (
+        rows
+        and columns
+        and pixel is None
+        and not any(k in ds for k in ("FloatPixelData", "DoubleFloatPixelData"))
+    ):
+        raise InstanceError("the instance is truncated or incomplete (image attributes but no pixel data)")
+    if isinstance(pixel, RawDataElement) and pixel.length != _UNDEFINED_LENGTH and rows and columns:
+        bits = _int_or_none(ds, "BitsAllocated") or 8
+        samples = _int_or_none(ds, "SamplesPerPixel") or 1
+        frames = _int_or_none(ds, "NumberOfFrames") or 1
+        expected = (rows * columns * samples * frames * bits + 7) // 8
+        if pixel.length < expected:
+            raise InstanceError(
+                f"the instance is truncated (its pixel data holds {pixel.length} of {expected} bytes)"
+            )
+
+
+def inspect_instance(data: bytes) -> Inspected:
+    """Parses DICOM Part 10 bytes far enough to accept them: UIDs, routing attributes, completeness.
+
+    Raises:
+        InstanceError: not Part 10 DICOM, corrupt, truncated, or without the UIDs every instance has.
+    """
+    if len(data) < 132 or data[128:132] != b"DICM":
+        raise InstanceError("not a DICOM Part 10 instance (no 'DICM' prefix after the 128-byte preamble)")
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+    except Exception as exc:  # pydicom raises many types for corrupt files
+        raise InstanceError("the instance cannot be parsed (corrupt DICOM)") from exc
+    _check_complete(ds, data)
+    try:
+        for _element in ds.iterall():  # converts every value now: damage is found here, not in the worker
+            pass
+    except Exception as exc:
+        raise InstanceError("the instance cannot be parsed (a damaged element)") from exc
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        raise InstanceError("the instance has no file meta information (TransferSyntaxUID)")
+    sop_class = _uid(ds, "SOPClassUID")
+    attributes = InstanceAttributes(
+        sop_class_uid=sop_class,
+        modality=_text_or_none(ds, "Modality"),
+        body_part_examined=_text_or_none(ds, "BodyPartExamined"),
+        photometric_interpretation=_text_or_none(ds, "PhotometricInterpretation"),
+        rows=_int_or_none(ds, "Rows"),
+        columns=_int_or_none(ds, "Columns"),
+        has_pixels=any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")),
+    )
+    return Inspected(
+        sop_instance_uid=_uid(ds, "SOPInstanceUID"),
+        sop_class_uid=sop_class,
+        study_instance_uid=_uid(ds, "StudyInstanceUID"),
+        series_instance_uid=_uid(ds, "SeriesInstanceUID"),
+        transfer_syntax_uid=_uid(ds, "TransferSyntaxUID", meta),
+        attributes=attributes,
+    )
+
+
+def dataset_bytes(dataset: Dataset) -> bytes:
+    """A pydicom ``Dataset`` (e.g. pynetdicom's ``event.dataset``, whose ``file_meta`` is set) as Part 10 bytes.
+
+    Without file meta information, one is made: the dataset's own encoding (explicit VR little endian unless
+    it was read as implicit VR).
+    """
+    meta = getattr(dataset, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        meta = FileMetaDataset(meta) if meta is not None else FileMetaDataset()
+        implicit = getattr(dataset, "is_implicit_VR", False)
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        dataset.file_meta = meta
+    if "MediaStorageSOPClassUID" not in meta and "SOPClassUID" in dataset:
+        meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+    if "MediaStorageSOPInstanceUID" not in meta and "SOPInstanceUID" in dataset:
+        meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def planned_jobs(decision: Decision, choices: list[ModelChoice]) -> list[NewJob]:
+    """The jobs of a routing decision: one per named model (queued when it serves and its task has a result
+    type, else failed with the reason), or one skipped job when the decision names none."""
+    if decision.models is None:  # the default routing: every ready model with a result type
+        jobs = [
+            NewJob(choice.name, choice.version, choice.task)
+            for choice in choices
+            if choice.ready and choice.has_result
+        ]
+        if jobs:
+            return jobs
+        return [NewJob("", "", "", SKIPPED, "no ready model has a DICOM result type for this image")]
+    if not decision.models:
+        return [NewJob("", "", "", SKIPPED, decision.reason)]
+    known = {choice.name: choice for choice in choices}
+    planned = []
+    for name in decision.models:
+        choice = known.get(name)
+        if choice is None:
+            planned.append(NewJob(name, "", "", FAILED, f"model {name!r} is not in the model directory"))
+        elif not choice.ready:
+            planned.append(
+                NewJob(name, "", choice.task, FAILED, f"model {name!r} failed to load; GET /models shows why")
+            )
+        elif not choice.has_result:
+            planned.append(
+                NewJob(
+                    name,
+                    choice.version,
+                    choice.task,
+                    FAILED,
+                    f"model {name!r} is a {choice.task} model, for which this build writes no DICOM result",
+                )
+            )
+        else:
+            planned.append(NewJob(name, choice.version, choice.task))
+    return planned
+
+
+class Intake:
+    """Accepts instances into the spool and the job store (see the module docstring for the contract).
+
+    Args:
+        store: the job store.
+        spool: where instances are written.
+        router: the routing rules.
+        catalog: the models jobs may go to.
+        executor: where ``accept_bytes_async`` runs the blocking work (None: asyncio's default pool).
+        on_accept: called with (source, outcome) after each instance, outcome ``accepted``, ``duplicate`` or
+            ``refused`` (for metrics); its errors are logged, not raised.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        spool: Spool,
+        router: Router,
+        catalog: ModelCatalog,
+        *,
+        executor: Executor | None = None,
+        on_accept: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.spool = spool
+        self.router = router
+        self.catalog = catalog
+        self.executor = executor
+        self.on_accept = on_accept
+        self.wake: Callable[[], None] | None = None  # set by the worker: new jobs are waiting
+
+    def _observe(self, source: str, outcome: str) -> None:
+        if self.on_accept is not None:
+            try:
+                self.on_accept(source, outcome)
+            except Exception:
+                logger.exception("intake observer failed")
+
+    def accept_bytes(
+        self, data: bytes, source: str, *, study_instance_uid: str | None = None
+    ) -> AcceptResult:
+        """Accepts one DICOM Part 10 instance (blocking; thread-safe).
+
+        Raises:
+            IntakeUnavailable: models are still loading.
+            ValueError: an unknown ``source``.
+        """
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        if not self.catalog.loaded():
+            raise IntakeUnavailable("models are still loading; retry shortly")
+        try:
+            found = inspect_instance(data)
+        except InstanceError as exc:
+            self._observe(source, "refused")
+            return AcceptResult(False, failure_reason=exc.status, detail=str(exc))
+        ids = AcceptResult(
+            False,
+            sop_instance_uid=found.sop_instance_uid,
+            sop_class_uid=found.sop_class_uid,
+            study_instance_uid=found.study_instance_uid,
+            series_instance_uid=found.series_instance_uid,
+        )
+        if study_instance_uid is not None and found.study_instance_uid != study_instance_uid:
+            self._observe(source, "refused")
+            return dataclasses.replace(
+                ids,
+                failure_reason=STUDY_MISMATCH,
+                detail="the instance belongs to another study than the request's URL names",
+            )
+        existed = self.spool.instance_path(found.sop_instance_uid).exists()
+        try:
+            path = self.spool.write_instance(found.sop_instance_uid, data)
+        except SpoolFull as exc:
+            self._observe(source, "refused")
+            return dataclasses.replace(
+                ids, failure_reason=OUT_OF_RESOURCES, detail=exc.strerror or "spool full"
+            )
+        except OSError as exc:
+            logger.error("cannot spool an instance: %s", exc.strerror)
+            self._observe(source, "refused")
+            return dataclasses.replace(
+                ids, failure_reason=PROCESSING_FAILURE, detail="the spool cannot be written"
+            )
+        planned = planned_jobs(self.router.route(found.attributes), self.catalog.choices())
+        record = InstanceRecord(
+            sop_instance_uid=found.sop_instance_uid,
+            study_instance_uid=found.study_instance_uid,
+            series_instance_uid=found.series_instance_uid,
+            sop_class_uid=found.sop_class_uid,
+            transfer_syntax_uid=found.transfer_syntax_uid,
+            spool_path=str(path),
+            size_bytes=len(data),
+            source=source,
+        )
+        try:
+            recorded = self.store.record(record, planned)
+        except Exception:
+            logger.exception("cannot record an instance in the job store")
+            if not existed:
+                self.spool.delete(path)
+            self._observe(source, "refused")
+            return dataclasses.replace(
+                ids, failure_reason=PROCESSING_FAILURE, detail="the job store cannot be written"
+            )
+        duplicate = recorded.known and recorded.new_jobs == 0
+        self._observe(source, "duplicate" if duplicate else "accepted")
+        if recorded.new_jobs and self.wake is not None:
+            self.wake()
+        return dataclasses.replace(ids, accepted=True, duplicate=duplicate, job_ids=recorded.job_ids)
+
+    def accept_dataset(self, dataset: Dataset, source: str) -> AcceptResult:
+        """Accepts a pydicom ``Dataset`` (encoded with ``dataset_bytes`` first); raises as ``accept_bytes``."""
+        try:
+            data = dataset_bytes(dataset)
+        except Exception:
+            self._observe(source, "refused")
+            return AcceptResult(
+                False, failure_reason=CANNOT_UNDERSTAND, detail="the data set cannot be encoded"
+            )
+        return self.accept_bytes(data, source)
+
+    async def accept_bytes_async(
+        self, data: bytes, source: str, *, study_instance_uid: str | None = None
+    ) -> AcceptResult:
+        """``accept_bytes`` in the executor, for the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.executor,
+            functools.partial(self.accept_bytes, data, source, study_instance_uid=study_instance_uid),
+        )

@@ -1,0 +1,149 @@
+"""The spool: received instances and results waiting for delivery, written durably to disk.
+
+Layout under ``MEDSERVE_SPOOL_DIR``: ``instances/<SOP Instance UID>.dcm`` (as received, byte for byte) and
+``results/<job id>.dcm`` (a result until it is delivered). A file is written to a temporary name in the same
+folder, flushed and fsync'ed, renamed into place, and the folder fsync'ed: after ``write`` returns, the file
+survives a crash or power cut, and a crash during the write leaves no half-written file under the real name
+(temporary files left by a crash are removed at start).
+
+``MEDSERVE_SPOOL_MAX_BYTES`` (0: no limit) bounds the received instances held: a write that would pass it, or
+one the disk refuses (ENOSPC, EDQUOT), raises ``SpoolFull`` with nothing left behind. The count is kept per
+process (started from what is on disk), so replicas sharing one folder each apply the limit to what they see.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import threading
+import uuid
+from pathlib import Path
+
+logger = logging.getLogger("medserve.pacs.spool")
+
+INSTANCES = "instances"
+RESULTS = "results"
+_UID = re.compile(r"^[0-9]{1,64}(\.[0-9]{1,64}){0,63}$")
+_TEMPORARY_SUFFIX = ".partial"
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class SpoolFull(OSError):
+    """The spool has no room for this file (its limit or the disk); nothing was written."""
+
+
+def _fsync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class Spool:
+    """Durable files under ``root``; thread-safe.
+
+    Args:
+        root: the spool folder (created when missing).
+        max_bytes: most bytes of received instances (0: no limit but the disk's).
+    """
+
+    def __init__(self, root: Path, max_bytes: int = 0) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.instances = root / INSTANCES
+        self.results = root / RESULTS
+        for folder in (self.instances, self.results):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._used = 0
+        for folder in (self.instances, self.results):
+            for entry in os.scandir(folder):
+                if entry.name.endswith(_TEMPORARY_SUFFIX):  # a crash in the middle of a write
+                    Path(entry.path).unlink(missing_ok=True)
+                elif folder is self.instances and entry.is_file():
+                    self._used += entry.stat().st_size
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of received instances in the spool (as this process counts them)."""
+        return self._used
+
+    def instance_path(self, sop_instance_uid: str) -> Path:
+        """Where the instance with this SOP Instance UID is spooled.
+
+        Raises:
+            ValueError: not a valid UID (it names a file: only digits and dots).
+        """
+        if not _UID.match(sop_instance_uid) or len(sop_instance_uid) > 64:
+            raise ValueError("not a valid SOP Instance UID")
+        return self.instances / f"{sop_instance_uid}.dcm"
+
+    def result_path(self, job_id: int) -> Path:
+        return self.results / f"{int(job_id)}.dcm"
+
+    def write_instance(self, sop_instance_uid: str, data: bytes) -> Path:
+        """Writes a received instance durably (replacing an earlier copy of the same UID atomically).
+
+        Raises:
+            SpoolFull: over ``max_bytes`` or the disk is full; nothing was written.
+            ValueError: an invalid UID.
+        """
+        target = self.instance_path(sop_instance_uid)
+        size = len(data)
+        with self._lock:
+            previous = target.stat().st_size if target.exists() else 0
+            if self.max_bytes and self._used - previous + size > self.max_bytes:
+                raise SpoolFull(
+                    errno.ENOSPC,
+                    f"the spool holds {self._used} bytes; this instance ({size} bytes) would pass "
+                    f"MEDSERVE_SPOOL_MAX_BYTES={self.max_bytes}",
+                )
+            # Counted before the write so that concurrent writers cannot overshoot the limit together.
+            self._used += size - previous
+        try:
+            self._write(target, data)
+        except BaseException:
+            with self._lock:
+                self._used -= size - previous
+            raise
+        return target
+
+    def write_result(self, job_id: int, data: bytes) -> Path:
+        """Writes a job's result durably (results do not count against ``max_bytes``).
+
+        Raises:
+            SpoolFull: the disk is full; nothing was written.
+        """
+        target = self.result_path(job_id)
+        self._write(target, data)
+        return target
+
+    def _write(self, target: Path, data: bytes) -> None:
+        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}{_TEMPORARY_SUFFIX}")
+        try:
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
+            _fsync_folder(target.parent)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            if exc.errno in _DISK_FULL:
+                raise SpoolFull(exc.errno, f"the spool disk is full ({os.strerror(exc.errno)})") from exc
+            raise
+
+    def delete(self, path: str | Path) -> None:
+        """Deletes a spooled file (gone already: nothing to do); instances give their bytes back."""
+        path = Path(path)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return
+        if path.parent == self.instances:
+            with self._lock:
+                self._used = max(0, self._used - size)

@@ -1,0 +1,454 @@
+"""The job worker: claims jobs from the store, runs them through the models' batchers, delivers the results.
+
+One ``JobWorker`` per service process. Its loop claims up to ``MEDSERVE_JOBS_CONCURRENCY`` jobs of the models
+this process serves (``JobStore.claim``) and runs each as a task:
+
+1. run (``queued`` -> ``running``): the spooled instance is read and decoded by the model's runner (the same
+   ``decode`` as ``/segment``, keeping the source DICOM), checked by the result's output format, submitted to
+   the model's batcher in its low-priority lane (``Batcher.submit_background``: interactive requests go
+   first), and the result object written by that output format (``dicom-seg`` for segmentation; ``dicom-sr``
+   for classification once that format is registered), with the deterministic UIDs of ``models.dicom_uids``.
+   The result is spooled (``running`` -> ``delivering``).
+2. deliver: one attempt through the ``ResultSink``; ``done`` when it lands, ``failed`` when the archive refuses
+   it (no retry), else another attempt after a capped exponential backoff with jitter, at most
+   ``MEDSERVE_DELIVERY_MAX_ATTEMPTS`` in all.
+
+Anything that makes a job impossible (multi-frame, an unsupported transfer syntax, a source the result cannot
+reference, the model failing on it) fails the job with the reason, never the worker. Leases are renewed every
+third of ``MEDSERVE_JOBS_LEASE_S``; on shutdown the worker cancels what it holds and gives it back to the queue.
+Spooled instances whose jobs are all finished are deleted (after ``MEDSERVE_SPOOL_RETENTION_S``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import io
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pydicom
+from pydicom.uid import UID
+
+from app.batching import BatcherClosedError, InferenceError
+from app.contract import ImageUpload, OutputFormat, Prediction, ResponseOptions, Runner
+from app.outputs import check_input, output_formats
+from app.pacs.delivery import delivery_from_settings
+from app.pacs.intake import ModelChoice
+from app.pacs.metrics import JobMetrics
+from app.pacs.results import (
+    SEG,
+    SR,
+    FolderSink,
+    PermanentDeliveryError,
+    ResultObject,
+    ResultSink,
+    TransientDeliveryError,
+    backoff_delay,
+)
+from app.pacs.spool import Spool
+from app.pacs.store import Claimed, JobStore
+from app.registry import ModelHandle, ModelRegistry
+from app.settings import Settings
+from models.dicom_uids import result_instance_uid, result_series_uid
+from models.imageio import ImageError
+
+logger = logging.getLogger("medserve.pacs.worker")
+
+T = TypeVar("T")
+
+# The output format that writes each task's DICOM result, and the result's kind (models.dicom_uids).
+RESULT_FORMATS: dict[str, tuple[str, str]] = {
+    "segmentation": ("dicom-seg", SEG),
+    "classification": ("dicom-sr", SR),
+}
+RESULT_SOP_CLASSES = {SEG: "1.2.840.10008.5.1.4.1.1.66.4", SR: "1.2.840.10008.5.1.4.1.1.88.34"}
+IDLE_POLL_S = 1.0  # how often an idle worker looks for jobs other processes queued or retries that fell due
+CLEANUP_EVERY_S = 5.0
+
+
+def result_format(task: str) -> tuple[OutputFormat[Any], str] | None:
+    """The output format writing ``task``'s DICOM result and the result kind; None when none is registered."""
+    entry = RESULT_FORMATS.get(task)
+    if entry is None:
+        return None
+    output_format = output_formats(task).get(entry[0])
+    return None if output_format is None else (output_format, entry[1])
+
+
+class RegistryCatalog:
+    """The registry's models as the intake sees them (``app.pacs.intake.ModelCatalog``)."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+
+    def loaded(self) -> bool:
+        return self.registry.loaded.is_set()
+
+    def choices(self) -> list[ModelChoice]:
+        choices = []
+        for handle in list(self.registry.models.values()):
+            runner = handle.runner
+            task = handle.task or ""
+            choices.append(
+                ModelChoice(
+                    name=handle.name,
+                    version=runner.version if runner is not None else "",
+                    task=task,
+                    ready=handle.status == "ready",
+                    has_result=result_format(task) is not None,
+                )
+            )
+        return choices
+
+
+def stamp_uids(part10: bytes, series_instance_uid: str, sop_instance_uid: str) -> tuple[bytes, str]:
+    """The result object with its deterministic Series and SOP Instance UIDs, and its SOP class.
+
+    (Until ``build_dicom_seg``/the SR writer take the UIDs as arguments, they are set here, in the three places
+    a Part 10 object holds them.)
+    """
+    dataset = pydicom.dcmread(io.BytesIO(part10))
+    dataset.SeriesInstanceUID = series_instance_uid
+    dataset.SOPInstanceUID = sop_instance_uid
+    dataset.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue(), str(dataset.SOPClassUID)
+
+
+def select_sink(settings: Settings, spool: Spool) -> ResultSink:
+    """The result sink of the settings: ``MEDSERVE_RESULTS_DIR`` (a ``FolderSink``), else a folder in the
+    spool (``SPOOL_DIR/results-out``).
+
+    The archive sinks of ``app.pacs.delivery`` take precedence: C-STORE to ``MEDSERVE_DIMSE_DESTINATION``, else
+    STOW-RS to ``MEDSERVE_PACS_URL``.
+    """
+    archive = delivery_from_settings(settings)
+    if archive is not None:
+        return archive
+    if settings.results_dir is not None:
+        return FolderSink(settings.results_dir)
+    return FolderSink(spool.root / "results-out")
+
+
+@dataclass
+class WorkerStats:
+    """What this process did (for tests and logs)."""
+
+    claimed: int = 0
+    ran: int = 0
+    delivered: int = 0
+    failed: int = 0
+
+
+class JobWorker:
+    """Runs the jobs of the models ``registry`` serves; ``start`` on the event loop, ``stop`` at shutdown."""
+
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        spool: Spool,
+        registry: ModelRegistry,
+        sink: ResultSink,
+        settings: Settings,
+        pool: Executor,
+        metrics: JobMetrics | None = None,
+    ) -> None:
+        self.store = store
+        self.spool = spool
+        self.registry = registry
+        self.sink = sink
+        self.settings = settings
+        self.pool = pool
+        self.metrics = metrics
+        self.owner = f"{socket.gethostname()[:32]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.stats = WorkerStats()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._delivering: set[asyncio.Task[Any]] = (
+            set()
+        )  # not cancelled at shutdown: a sent result is recorded
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._main: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._last_cleanup = 0.0
+        self._cleanup_due = True
+
+    # -- life cycle -----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._main = self._loop.create_task(self._run(), name="medserve-jobs")
+
+    def wake(self) -> None:
+        """New jobs are waiting (thread-safe: the intake calls it from any thread)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._wake.set)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def stop(self) -> None:
+        """Cancels the loop and the jobs in hand and gives them back to the queue (another process or the next
+        start takes them); a delivery under way is let finish, so that its outcome is recorded."""
+        self._stopping = True
+        tasks = [t for t in (self._main, *self._tasks) if t is not None]
+        for task in tasks:
+            if task not in self._delivering:
+                task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        try:
+            released = await asyncio.to_thread(self.store.release, self.owner)
+        except Exception:
+            logger.exception("cannot give the jobs in hand back to the job store")
+        else:
+            if released:
+                logger.info("gave %d job(s) in hand back to the queue", released)
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def _ready(self) -> dict[str, ModelHandle]:
+        return {
+            name: handle
+            for name, handle in self.registry.models.items()
+            if handle.status == "ready" and handle.batcher is not None and handle.runner is not None
+        }
+
+    async def _run(self) -> None:
+        await self.registry.loaded.wait()
+        lease_s = self.settings.jobs_lease_s
+        last_beat = time.monotonic()
+        while not self._stopping:
+            ready = self._ready()
+            free = self.settings.jobs_concurrency - len(self._tasks)
+            claimed: list[Claimed] = []
+            if ready and free > 0:
+                try:
+                    versions = {name: h.runner.version for name, h in ready.items() if h.runner is not None}
+                    claimed = await asyncio.to_thread(self.store.claim, self.owner, versions, free, lease_s)
+                except Exception:
+                    logger.exception("cannot claim jobs from the job store; retrying")
+            for job in claimed:
+                self.stats.claimed += 1
+                task = asyncio.create_task(self._job(job, ready[job.model]), name=f"job-{job.id}")
+                self._tasks.add(task)
+                task.add_done_callback(self._finished)
+            if time.monotonic() - last_beat > lease_s / 3:
+                last_beat = time.monotonic()
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.store.heartbeat, self.owner, lease_s)
+            if self._cleanup_due or time.monotonic() - self._last_cleanup > CLEANUP_EVERY_S:
+                await self._cleanup()
+            if claimed and len(self._tasks) < self.settings.jobs_concurrency:
+                continue  # there may be more
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(IDLE_POLL_S, lease_s / 3)):
+                    await self._wake.wait()
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._cleanup_due = True
+        self._wake.set()
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("a job task failed unexpectedly", exc_info=task.exception())
+
+    async def _cleanup(self) -> None:
+        self._cleanup_due = False
+        self._last_cleanup = time.monotonic()
+        cutoff = time.time() - self.settings.spool_retention_s
+        try:
+            for instance_id, path in await asyncio.to_thread(self.store.finished_spool, cutoff):
+                await asyncio.to_thread(self.spool.delete, path)
+                await asyncio.to_thread(self.store.forget_spool, instance_id, path)
+            for job_id, path in await asyncio.to_thread(self.store.results_to_delete):
+                await asyncio.to_thread(self.spool.delete, path)
+                await asyncio.to_thread(self.store.forget_result, job_id)
+        except Exception:
+            logger.exception("spool clean-up failed; retrying later")
+
+    # -- one job --------------------------------------------------------------------------------------------
+
+    async def _in_pool(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.pool, functools.partial(fn, *args, **kwargs)
+        )
+
+    async def _fail(self, job: Claimed, reason: str, attempts: int | None = None) -> None:
+        self.stats.failed += 1
+        logger.info("job %d (%s) failed: %s", job.id, job.model, reason)
+        await asyncio.to_thread(self.store.fail, job.id, self.owner, reason, attempts=attempts)
+
+    async def _job(self, job: Claimed, handle: ModelHandle) -> None:
+        try:
+            if job.phase == "run":
+                result = await self._run_model(job, handle)
+                if result is None:
+                    return
+            else:
+                result = await self._spooled_result(job)
+                if result is None:
+                    return
+            await self._deliver(job, result)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("job %d failed unexpectedly", job.id)
+            with contextlib.suppress(Exception):
+                await self._fail(job, "MedServe failed unexpectedly on this job; see the service log")
+
+    async def _run_model(self, job: Claimed, handle: ModelHandle) -> ResultObject | None:
+        runner, batcher = handle.runner, handle.batcher
+        assert runner is not None and batcher is not None
+        found = result_format(runner.task)
+        if found is None:
+            await self._fail(job, f"this build writes no DICOM result for {runner.task} models")
+            return None
+        output_format, kind = found
+        if job.spool_path is None or not Path(job.spool_path).exists():
+            await self._fail(job, "the spooled instance was deleted; send the instance again")
+            return None
+        data = await asyncio.to_thread(Path(job.spool_path).read_bytes)
+        upload = ImageUpload(data, content_type="application/dicom")
+        try:
+            item = await self._in_pool(
+                runner.decode,
+                upload,
+                max_pixels=self.settings.max_pixels,
+                keep_pixels=output_format.needs_pixels,
+                keep_source=True,
+            )
+            check_input(output_format, item)
+        except ImageError as exc:
+            await self._fail(job, f"the instance cannot be processed: {exc}")
+            return None
+        try:
+            output = await batcher.submit_background(item)
+        except InferenceError:
+            await self._fail(job, f"model {job.model!r} failed on this instance; see the service log")
+            return None
+        except BatcherClosedError:
+            return None  # shutting down: the job goes back to the queue
+        self.stats.ran += 1
+        try:
+            part10 = await self._in_pool(self._encode, runner, output_format, Prediction(item, output))
+        except ImageError as exc:
+            await self._fail(job, f"cannot write the {kind.upper()} result: {exc}")
+            return None
+        series_uid = result_series_uid(job.series_instance_uid, job.model, job.model_version, kind)
+        sop_uid = result_instance_uid(job.sop_instance_uid, job.model_version, kind)
+        part10, sop_class = await self._in_pool(stamp_uids, part10, series_uid, sop_uid)
+        path = await asyncio.to_thread(self.spool.write_result, job.id, part10)
+        if not await asyncio.to_thread(self.store.result_ready, job.id, self.owner, str(path), sop_uid, kind):
+            logger.info("job %d was cancelled or taken over while running; its result is dropped", job.id)
+            await asyncio.to_thread(self.spool.delete, path)
+            return None
+        return ResultObject(
+            part10=part10,
+            kind=kind,
+            study_instance_uid=job.study_instance_uid,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            sop_class_uid=sop_class,
+            job_id=job.id,
+            model=job.model,
+        )
+
+    @staticmethod
+    def _encode(runner: Runner[Any], output_format: OutputFormat[Any], prediction: Prediction[Any]) -> bytes:
+        return runner.encode([prediction], output_format, ResponseOptions()).body
+
+    async def _spooled_result(self, job: Claimed) -> ResultObject | None:
+        """The result of a job claimed for delivery (a retry, or a job whose process died while sending it)."""
+        kind = job.result_kind or SEG
+        if job.result_path is None or not Path(job.result_path).exists() or not job.result_sop_instance_uid:
+            # Nothing to send any more (deleted by hand?): run the model again.
+            await asyncio.to_thread(self.store.requeue, job.id, ["delivering"])
+            self._wake.set()
+            return None
+        part10 = await asyncio.to_thread(Path(job.result_path).read_bytes)
+        return ResultObject(
+            part10=part10,
+            kind=kind,
+            study_instance_uid=job.study_instance_uid,
+            series_instance_uid=result_series_uid(
+                job.series_instance_uid, job.model, job.model_version, kind
+            ),
+            sop_instance_uid=job.result_sop_instance_uid,
+            sop_class_uid=RESULT_SOP_CLASSES.get(kind, ""),
+            job_id=job.id,
+            model=job.model,
+        )
+
+    async def _deliver(self, job: Claimed, result: ResultObject) -> None:
+        attempts = job.attempts + 1
+        current = asyncio.current_task()
+        if self._stopping or current is None:
+            return  # shutting down: the result stays spooled for the next process
+        self._delivering.add(current)
+        try:
+            await self._attempt(job, result, attempts)
+        finally:
+            self._delivering.discard(current)
+
+    async def _attempt(self, job: Claimed, result: ResultObject, attempts: int) -> None:
+        settings = self.settings
+        try:
+            await asyncio.to_thread(self.sink.deliver, result)
+        except PermanentDeliveryError as exc:
+            self._observe("permanent")
+            await self._fail(job, f"the archive refused the result: {exc.reason}", attempts=attempts)
+            return
+        except Exception as exc:
+            self._observe("transient")
+            reason = exc.reason if isinstance(exc, TransientDeliveryError) else type(exc).__name__
+            if not isinstance(exc, TransientDeliveryError):
+                logger.error("job %d: the result sink failed unexpectedly", job.id, exc_info=exc)
+            if attempts >= settings.delivery_max_attempts:
+                await self._fail(
+                    job,
+                    f"delivery failed {attempts} times, the last: {reason}; retry when it is fixed",
+                    attempts,
+                )
+                return
+            delay = backoff_delay(
+                attempts, base_s=settings.delivery_backoff_s, cap_s=settings.delivery_backoff_max_s
+            )
+            logger.info(
+                "job %d: delivery attempt %d failed (%s); next in %.1f s", job.id, attempts, reason, delay
+            )
+            await asyncio.to_thread(
+                self.store.retry_later,
+                job.id,
+                self.owner,
+                attempts,
+                delay,
+                f"delivery attempt {attempts} failed: {reason}",
+            )
+            asyncio.get_running_loop().call_later(delay, self._wake.set)  # look again when it falls due
+            return
+        if await asyncio.to_thread(self.store.delivered, job.id, self.owner, attempts):
+            self.stats.delivered += 1
+            self._observe("delivered", max(0.0, time.time() - job.created_at))
+        else:
+            logger.info("job %d was cancelled or taken over while its result was being delivered", job.id)
+
+    def _observe(self, outcome: str, latency_s: float | None = None) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_delivery(outcome, latency_s)
