@@ -25,6 +25,7 @@ from fastapi import FastAPI
 
 from app.auth import AccessPolicy, ApiKeyAuth, include_routes, load_api_keys
 from app.errors import install_error_handlers
+from app.explain import Explanations
 from app.logs import configure_logging
 from app.metrics import ServiceMetrics
 from app.metrics import router as metrics_router
@@ -115,6 +116,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.settings = settings
     app.state.pool = pool
     app.state.registry = registry
+    app.state.explanations = explanations = Explanations(settings)
     logger.info("loading %d checkpoint(s) from %s onto %s", len(registry.models), settings.model_dir, device)
     loading = asyncio.create_task(registry.load_all(), name="load-models")
     try:
@@ -129,6 +131,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
         logger.info("shutting down: running the %d request(s) still queued, then stopping", waiting)
         await registry.close()
+        await explanations.close()
         pool.shutdown(wait=True)
         logger.info("stopped")
 
