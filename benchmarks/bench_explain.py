@@ -12,18 +12,26 @@ so that its Grad-CAM maps are not empty), or ``--checkpoint PATH`` (e.g. the dem
   as the plain requests run. Alone and beside are measured alternately ``--rounds`` times (the machine may be
   shared) and averaged. The goal: plain throughput beside explanations within 10% of it alone.
 
+With ``--lesion-phantoms N`` it also explains N held-out lesion phantoms per class
+(``training/classification/lesions.py``, seed 1; the demo classifier trains on seed 0) and reports how much of
+each map's heat lies inside the lesion's mask dilated by 10 px, beside the share of the image that region covers
+(what heat spread evenly would score), and how often the label was right.
+
 Prints a table and writes ``benchmarks/results/bench_explain.json``. ``--quick`` runs few requests (a first
 number on a busy machine); measure on a quiet machine for the numbers to quote.
 
     python benchmarks/bench_explain.py
     python benchmarks/bench_explain.py --quick
     python benchmarks/bench_explain.py --checkpoint checkpoints/lesions.pt --device cuda
+    python benchmarks/bench_explain.py --checkpoint checkpoints/lesions.pt --lesion-phantoms 50
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import io
 import json
 import os
 import shutil
@@ -37,6 +45,8 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
+from PIL import Image
+from scipy import ndimage
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +59,11 @@ from service_process import KeepAliveConnection, Service, jpeg, percentile, phan
 from models.checkpoint import Architecture, CheckpointMetadata, save_checkpoint  # noqa: E402
 from models.classifier import Classifier  # noqa: E402
 from models.preprocessing import Preprocessing  # noqa: E402
+from training.classification.lesions import CLASSES, render_lesion_with_mask  # noqa: E402
 
 DEFAULT_OUT = RESULTS / "bench_explain.json"
+DILATION_PX = 10
+LESION_SEED = 1  # the demo classifier's phantoms are seed 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,6 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, default=2, help="alone/beside pairs of throughput runs")
     parser.add_argument("--quick", action="store_true", help="few requests: 8 at c=1, 96 per run, one round")
+    parser.add_argument(
+        "--lesion-phantoms", type=int, default=0, help="also explain N held-out lesion phantoms per class"
+    )
+    parser.add_argument("--lesion-size", type=int, default=128, help="side of those phantoms (default 128)")
+    parser.add_argument("--skip-timing", action="store_true", help="only the lesion phantoms, no timing")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON report (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     if args.quick:
@@ -221,7 +239,76 @@ async def throughput_run(client: Client, args: argparse.Namespace, beside: bool)
     }
 
 
+def lesion_heat_row(heat: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """The share of a map's heat inside the lesion's mask dilated by ``DILATION_PX``, and of the image."""
+    region = ndimage.binary_dilation(mask, iterations=DILATION_PX)
+    total = float(heat.sum())
+    return {
+        "inside": float(heat[region].sum()) / total if total > 0 else float("nan"),
+        "region_share": float(region.mean()),
+    }
+
+
+async def lesion_heat(base: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Explains ``--lesion-phantoms`` held-out phantoms per class (label as target) through the service."""
+    rows = []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0)) as http:
+        for label, name in enumerate(CLASSES):
+            for index in range(args.lesion_phantoms):
+                rng = np.random.default_rng([LESION_SEED, label, index])
+                image, mask = render_lesion_with_mask(rng, args.lesion_size, bool(label))
+                buffer = io.BytesIO()
+                Image.fromarray(image).save(buffer, format="PNG")
+                response = await http.post(
+                    f"{base}/classify?explain=gradcam",
+                    files={"file": (f"{name}-{index}.png", buffer.getvalue(), "image/png")},
+                )
+                response.raise_for_status()
+                (prediction,) = response.json()["predictions"]
+                png = base64.b64decode(prediction["explanation"]["heatmap_png"])
+                heat = np.asarray(Image.open(io.BytesIO(png))).astype(np.float64)
+                rows.append({"truth": name, "label": prediction["label"], **lesion_heat_row(heat, mask)})
+    explained = [r for r in rows if not np.isnan(r["inside"])]
+    inside = [r["inside"] for r in explained]
+    return {
+        "phantoms": len(rows),
+        "size": args.lesion_size,
+        "seed": LESION_SEED,
+        "dilation_px": DILATION_PX,
+        "accuracy": sum(r["truth"] == r["label"] for r in rows) / len(rows),
+        "empty_maps": len(rows) - len(explained),
+        "median_inside": statistics.median(inside) if inside else float("nan"),
+        "mean_inside": statistics.mean(inside) if inside else float("nan"),
+        "share_over_half": sum(x > 0.5 for x in inside) / len(inside) if inside else float("nan"),
+        "mean_region_share": statistics.mean(r["region_share"] for r in rows),
+        "rows": rows,
+    }
+
+
 async def measure(base: str, args: argparse.Namespace, images: list[bytes]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    if args.lesion_phantoms:
+        result["lesion_heat"] = await lesion_heat(base, args)
+        print_lesion_heat(result["lesion_heat"])
+    async with httpx.AsyncClient() as http:
+        result["model"] = (await http.get(f"{base}/models")).json()["models"][0]
+    if args.skip_timing:
+        return result
+    return {**result, **await measure_timing(base, args, images)}
+
+
+def print_lesion_heat(found: dict[str, Any]) -> None:
+    print(
+        f"lesion phantoms: {found['phantoms']} ({found['size']}x{found['size']}, seed {found['seed']}), "
+        f"accuracy {found['accuracy']:.3f}; heat inside the lesion dilated by {found['dilation_px']} px: median "
+        f"{found['median_inside']:.3f}, mean {found['mean_inside']:.3f}, over half in "
+        f"{100 * found['share_over_half']:.1f}% of the maps ({found['empty_maps']} empty); that region is "
+        f"{100 * found['mean_region_share']:.1f}% of the image",
+        flush=True,
+    )
+
+
+async def measure_timing(base: str, args: argparse.Namespace, images: list[bytes]) -> dict[str, Any]:
     client = Client(base, images)
     # Warm-up: the first explanation builds the explainer's copy of the network.
     await client.closed_loop(client.explain, 1, 2)
@@ -235,9 +322,7 @@ async def measure(base: str, args: argparse.Namespace, images: list[bytes]) -> d
         for beside in (False, True):
             runs.append(await throughput_run(client, args, beside))
             print_run(runs[-1], args.concurrency)
-    async with httpx.AsyncClient() as http:
-        models = (await http.get(f"{base}/models")).json()["models"]
-    return {"latency_c1": latency, "throughput_runs": runs, "model": models[0]}
+    return {"latency_c1": latency, "throughput_runs": runs}
 
 
 def print_run(run: dict[str, Any], concurrency: int) -> None:
@@ -292,24 +377,12 @@ def main(argv: list[str] | None = None) -> int:
             result = asyncio.run(measure(service.base, args, images))
         finally:
             service.stop()
-    summary = summarize(result)
     model = result["model"]
     print(
         f"\n{model['architecture']} {model['input_size'][0]}x{model['input_size'][1]} on {model['device']}, "
-        f"Grad-CAM at {model['explain']['target_layer']} ({model['explain']['layer']}), uploads {args.size}x{args.size}"
+        f"Grad-CAM at {model['explain']['target_layer']} ({model['explain']['layer']})"
     )
-    print(f"{'c=1':<18} {'p50 ms':>9} {'p95 ms':>9} {'mean ms':>9}")
-    for row in result["latency_c1"]:
-        print(f"{row['kind']:<18} {row['p50_ms']:>9.1f} {row['p95_ms']:>9.1f} {row['mean_ms']:>9.1f}")
-    print(
-        f"explain / plain p50 at c=1: {summary['explain_over_plain_p50_c1']:.2f}x "
-        f"(+{summary['explain_minus_plain_p50_c1_ms']:.1f} ms)\n"
-        f"plain c={args.concurrency}: alone {summary['plain_throughput_alone']:.2f} req/s, beside "
-        f"{args.explain_clients} explanation client(s) {summary['plain_throughput_beside_explanations']:.2f} req/s "
-        f"({summary['beside_over_alone']:.3f}x; goal >= 0.9: {'met' if summary['goal_within_10_percent'] else 'missed'}); "
-        f"{summary['explanations_answered_beside']} explanations answered meanwhile"
-    )
-    report = {
+    report: dict[str, Any] = {
         **environment(torch.device(args.device if args.device != "auto" else "cpu")),
         "cpus": os.cpu_count(),
         "quick": args.quick,
@@ -325,10 +398,28 @@ def main(argv: list[str] | None = None) -> int:
         "model": {
             k: model.get(k) for k in ("architecture", "input_size", "device", "explain", "batch_autotune")
         },
-        "latency_c1": result["latency_c1"],
-        "throughput_runs": result["throughput_runs"],
-        "summary": summary,
     }
+    if "lesion_heat" in result:
+        report["lesion_heat"] = result["lesion_heat"]
+        print_lesion_heat(result["lesion_heat"])
+    if "latency_c1" in result:
+        summary = summarize(result)
+        print(f"uploads {args.size}x{args.size} JPEG")
+        print(f"{'c=1':<18} {'p50 ms':>9} {'p95 ms':>9} {'mean ms':>9}")
+        for row in result["latency_c1"]:
+            print(f"{row['kind']:<18} {row['p50_ms']:>9.1f} {row['p95_ms']:>9.1f} {row['mean_ms']:>9.1f}")
+        goal = "met" if summary["goal_within_10_percent"] else "missed"
+        print(
+            f"explain / plain p50 at c=1: {summary['explain_over_plain_p50_c1']:.2f}x "
+            f"(+{summary['explain_minus_plain_p50_c1_ms']:.1f} ms)\n"
+            f"plain c={args.concurrency}: alone {summary['plain_throughput_alone']:.2f} req/s, beside "
+            f"{args.explain_clients} explanation client(s) {summary['plain_throughput_beside_explanations']:.2f} "
+            f"req/s ({summary['beside_over_alone']:.3f}x; goal >= 0.9: {goal}); "
+            f"{summary['explanations_answered_beside']} explanations answered meanwhile"
+        )
+        report.update(
+            latency_c1=result["latency_c1"], throughput_runs=result["throughput_runs"], summary=summary
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -42,3 +43,17 @@ def test_the_summary_compares_beside_with_alone_over_the_rounds() -> None:
 def test_the_uploads_are_jpeg_phantoms_of_the_size() -> None:
     images = bench_explain.uploads(64, count=2)
     assert len(images) == 2 and all(data[:2] == b"\xff\xd8" for data in images)
+
+
+def test_the_heat_inside_the_dilated_lesion_is_measured_against_the_region_it_covers() -> None:
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[30:34, 30:34] = True
+    # 4x4 grown to every pixel within 10 steps (4-connected dilation): 16 + 4 sides x 40 + 4 corners x 45.
+    region = (16 + 160 + 180) / 64**2
+    heat = np.zeros((64, 64))
+    heat[32, 32] = 3.0
+    heat[0, 0] = 1.0
+    row = bench_explain.lesion_heat_row(heat, mask)
+    assert row["inside"] == 0.75
+    assert row["region_share"] == region
+    assert np.isnan(bench_explain.lesion_heat_row(np.zeros((64, 64)), mask)["inside"])
