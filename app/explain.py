@@ -218,6 +218,15 @@ def plan_explanations(
     return ExplanationPlan(explanations.explainer(runner, layer), target)
 
 
+def with_explainer_stats(models: list[dict[str, Any]], explanations: Explanations) -> list[dict[str, Any]]:
+    """``GET /models``'s entries, each classifier's ``explain`` with its explainer's counters once it has one."""
+    for info in models:
+        explainer = explanations.explainers.get(info["name"])
+        if explainer is not None and info.get("explain") is not None:
+            info["explain"] = {**info["explain"], "stats": explainer.snapshot()}
+    return models
+
+
 def check_explain_options(explain: str | None, target: str | None) -> None:
     """``target`` only means something with ``explain``.
 

@@ -579,10 +579,11 @@ def image_router() -> APIRouter:
 
 
 @router.get("/models", summary="Served models", response_model=ModelsResponse)
-async def list_models(registry: RegistryDep) -> dict[str, Any]:
+async def list_models(request: Request, registry: RegistryDep) -> dict[str, Any]:
     """Every checkpoint of the model directory: task, version, classes, input size, training metrics, status
-    (``failed`` ones with their error) and batching counters."""
-    return {"ready": registry.ready, "device": str(registry.device), "models": registry.describe()}
+    (``failed`` ones with their error), batching counters and, for classifiers, how they are explained."""
+    models = explain.with_explainer_stats(registry.describe(), _state(request, "explanations"))
+    return {"ready": registry.ready, "device": str(registry.device), "models": models}
 
 
 @router.get("/health/live", summary="Liveness", response_model=Health)

@@ -68,6 +68,11 @@ class ExplainInfo(BaseModel):
     layer: str = Field(
         description="that module in words", examples=["resnet18 layer4 (stage 5 of 5, stride 32)"]
     )
+    stats: dict[str, Any] | None = Field(
+        default=None,
+        description="the explanation worker's counters (requests, queue depth, time in queue and running, "
+        "images explained), once the model has explained something",
+    )
 
 
 class ModelInfo(BaseModel):

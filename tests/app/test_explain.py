@@ -217,12 +217,14 @@ async def test_models_names_the_layer_each_classifier_is_explained_at(tmp_path: 
         "methods": ["gradcam"],
         "target_layer": "features.2",
         "layer": "the last convolution (features.2)",
+        "stats": None,  # no explainer until something is explained
     }
     # A 64x64 ResNet-18: layer4 would be 2x2 cells; layer2 is the deepest stage with 8x8.
     assert models["resnet"]["explain"] == {
         "methods": ["gradcam"],
         "target_layer": "features.2",
         "layer": "resnet18 layer2 (stage 3 of 5, stride 8)",
+        "stats": None,
     }
     assert models["mean"]["explain"] is None
     parameters = schema["paths"]["/classify"]["post"]["parameters"]
@@ -319,8 +321,9 @@ async def test_explanations_have_their_own_bounded_worker_and_never_hold_plain_r
         assert prediction["explanation"]["target"] == prediction["label"]
     # The model's batcher never ran an explanation: 12 + 3 images, in batches of plain inference.
     assert models[0]["stats"]["requests"] == 15
-    assert explainer.snapshot()["images_explained"] == 3
-    assert explainer.batcher.stats.rejected == 1
+    stats = models[0]["explain"]["stats"]
+    assert (stats["images_explained"], stats["requests"], stats["rejected_queue_full"]) == (3, 3, 1)
+    assert stats["max_queue"] == 2 and stats["max_batch_size"] == 1
 
 
 async def test_an_explanation_request_with_more_images_than_the_queue_limit_is_served(
