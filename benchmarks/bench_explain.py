@@ -12,10 +12,12 @@ so that its Grad-CAM maps are not empty), or ``--checkpoint PATH`` (e.g. the dem
   as the plain requests run. Alone and beside are measured alternately ``--rounds`` times (the machine may be
   shared) and averaged. The goal: plain throughput beside explanations within 10% of it alone.
 
-With ``--lesion-phantoms N`` it also explains N held-out lesion phantoms per class
-(``training/classification/lesions.py``, seed 1; the demo classifier trains on seed 0) and reports how much of
-each map's heat lies inside the lesion's mask dilated by 10 px, beside the share of the image that region covers
-(what heat spread evenly would score), and how often the label was right.
+With ``--lesion-phantoms N`` it also explains N held-out lesion phantoms per class and size
+(``training/classification/lesions.py``, seed 1; the demo classifier trains on seed 0; ``--lesion-sizes``)
+through the service and reports how much of each map's heat lies inside the lesion's mask dilated by 10 px,
+beside the share of the image that region covers (what heat spread evenly would score), and how often the label
+was right. ``--compare-layers`` does the same in this process at every stage of the classifier's backbone, to
+compare the layer the service chooses with the others.
 
 Prints a table and writes ``benchmarks/results/bench_explain.json``. ``--quick`` runs few requests (a first
 number on a busy machine); measure on a quiet machine for the numbers to quote.
@@ -23,7 +25,8 @@ number on a busy machine); measure on a quiet machine for the numbers to quote.
     python benchmarks/bench_explain.py
     python benchmarks/bench_explain.py --quick
     python benchmarks/bench_explain.py --checkpoint checkpoints/lesions.pt --device cuda
-    python benchmarks/bench_explain.py --checkpoint checkpoints/lesions.pt --lesion-phantoms 50
+    python benchmarks/bench_explain.py --checkpoint checkpoints/lesions.pt --lesion-phantoms 25 \
+        --lesion-sizes 64 128 --compare-layers --skip-timing
 """
 
 from __future__ import annotations
@@ -86,7 +89,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--lesion-phantoms", type=int, default=0, help="also explain N held-out lesion phantoms per class"
     )
-    parser.add_argument("--lesion-size", type=int, default=128, help="side of those phantoms (default 128)")
+    parser.add_argument(
+        "--lesion-sizes", type=int, nargs="+", default=[128], help="sides of those phantoms (default 128)"
+    )
+    parser.add_argument(
+        "--compare-layers",
+        action="store_true",
+        help="the lesion phantoms at every backbone stage, in-process",
+    )
     parser.add_argument("--skip-timing", action="store_true", help="only the lesion phantoms, no timing")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON report (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
@@ -249,30 +259,25 @@ def lesion_heat_row(heat: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     }
 
 
-async def lesion_heat(base: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Explains ``--lesion-phantoms`` held-out phantoms per class (label as target) through the service."""
-    rows = []
-    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0)) as http:
-        for label, name in enumerate(CLASSES):
-            for index in range(args.lesion_phantoms):
-                rng = np.random.default_rng([LESION_SEED, label, index])
-                image, mask = render_lesion_with_mask(rng, args.lesion_size, bool(label))
-                buffer = io.BytesIO()
-                Image.fromarray(image).save(buffer, format="PNG")
-                response = await http.post(
-                    f"{base}/classify?explain=gradcam",
-                    files={"file": (f"{name}-{index}.png", buffer.getvalue(), "image/png")},
-                )
-                response.raise_for_status()
-                (prediction,) = response.json()["predictions"]
-                png = base64.b64decode(prediction["explanation"]["heatmap_png"])
-                heat = np.asarray(Image.open(io.BytesIO(png))).astype(np.float64)
-                rows.append({"truth": name, "label": prediction["label"], **lesion_heat_row(heat, mask)})
+def held_out_phantoms(count: int, size: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``count`` phantoms per class of ``size``: (class, image, lesion mask), from seed ``LESION_SEED``."""
+    return [
+        (
+            name,
+            *render_lesion_with_mask(np.random.default_rng([LESION_SEED, label, index]), size, bool(label)),
+        )
+        for label, name in enumerate(CLASSES)
+        for index in range(count)
+    ]
+
+
+def lesion_summary(rows: list[dict[str, Any]], size: int, layer: str) -> dict[str, Any]:
     explained = [r for r in rows if not np.isnan(r["inside"])]
     inside = [r["inside"] for r in explained]
     return {
+        "size": size,
+        "layer": layer,
         "phantoms": len(rows),
-        "size": args.lesion_size,
         "seed": LESION_SEED,
         "dilation_px": DILATION_PX,
         "accuracy": sum(r["truth"] == r["label"] for r in rows) / len(rows),
@@ -281,17 +286,72 @@ async def lesion_heat(base: str, args: argparse.Namespace) -> dict[str, Any]:
         "mean_inside": statistics.mean(inside) if inside else float("nan"),
         "share_over_half": sum(x > 0.5 for x in inside) / len(inside) if inside else float("nan"),
         "mean_region_share": statistics.mean(r["region_share"] for r in rows),
-        "rows": rows,
     }
+
+
+async def lesion_heat(base: str, args: argparse.Namespace, layer: str) -> list[dict[str, Any]]:
+    """Explains the held-out phantoms (label as target) through the service, for each size."""
+    found = []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0)) as http:
+        for size in args.lesion_sizes:
+            rows = []
+            for index, (truth, image, mask) in enumerate(held_out_phantoms(args.lesion_phantoms, size)):
+                buffer = io.BytesIO()
+                Image.fromarray(image).save(buffer, format="PNG")
+                response = await http.post(
+                    f"{base}/classify?explain=gradcam",
+                    files={"file": (f"phantom-{index}.png", buffer.getvalue(), "image/png")},
+                )
+                response.raise_for_status()
+                (prediction,) = response.json()["predictions"]
+                png = base64.b64decode(prediction["explanation"]["heatmap_png"])
+                heat = np.asarray(Image.open(io.BytesIO(png))).astype(np.float64)
+                rows.append({"truth": truth, "label": prediction["label"], **lesion_heat_row(heat, mask)})
+            found.append(lesion_summary(rows, size, layer))
+            print_lesion_heat(found[-1])
+    return found
+
+
+def lesion_heat_by_layer(checkpoint: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The held-out phantoms explained in this process at every backbone stage of a ``Classifier`` checkpoint,
+    with the service's own preprocessing and probabilities (``app.runners``)."""
+    from app.contract import ModelInput
+    from app.runners import ClassificationRunner, load_runner
+    from models.classifier import NUM_STAGES
+    from models.explain import GradCam, TargetLayer, cam_to_original
+
+    runner = load_runner(
+        "bench", checkpoint, device=torch.device("cpu"), precision="fp32", forward_batch_size=1
+    )
+    assert isinstance(runner, ClassificationRunner)
+    found = []
+    for size in args.lesion_sizes:
+        phantoms = held_out_phantoms(args.lesion_phantoms, size)
+        # 8-bit gray, as the decoder reads the PNGs the service gets: value / 255.
+        inputs = [
+            ModelInput(runner.preprocess(image[:, :, None].astype(np.float32) / 255), size, size)
+            for _, image, _ in phantoms
+        ]
+        labels = [runner.classes[int(np.argmax(p))] for p in runner.run_batch(inputs)]
+        for stage in range(NUM_STAGES):
+            cam = GradCam(runner.model, TargetLayer(f"features.{stage}", f"stage {stage + 1}"))
+            rows = []
+            for item, label, (truth, _, mask) in zip(inputs, labels, phantoms, strict=True):
+                heat = cam_to_original(
+                    cam.explain(item.image, runner.classes.index(label)), size, size, runner.spec
+                )
+                rows.append({"truth": truth, "label": label, **lesion_heat_row(heat, mask)})
+            found.append(lesion_summary(rows, size, f"features.{stage}"))
+            print_lesion_heat(found[-1])
+    return found
 
 
 async def measure(base: str, args: argparse.Namespace, images: list[bytes]) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    if args.lesion_phantoms:
-        result["lesion_heat"] = await lesion_heat(base, args)
-        print_lesion_heat(result["lesion_heat"])
     async with httpx.AsyncClient() as http:
         result["model"] = (await http.get(f"{base}/models")).json()["models"][0]
+    if args.lesion_phantoms:
+        result["lesion_heat"] = await lesion_heat(base, args, result["model"]["explain"]["target_layer"])
     if args.skip_timing:
         return result
     return {**result, **await measure_timing(base, args, images)}
@@ -299,7 +359,8 @@ async def measure(base: str, args: argparse.Namespace, images: list[bytes]) -> d
 
 def print_lesion_heat(found: dict[str, Any]) -> None:
     print(
-        f"lesion phantoms: {found['phantoms']} ({found['size']}x{found['size']}, seed {found['seed']}), "
+        f"lesion phantoms at {found['layer']}: {found['phantoms']} ({found['size']}x{found['size']}, seed "
+        f"{found['seed']}), "
         f"accuracy {found['accuracy']:.3f}; heat inside the lesion dilated by {found['dilation_px']} px: median "
         f"{found['median_inside']:.3f}, mean {found['mean_inside']:.3f}, over half in "
         f"{100 * found['share_over_half']:.1f}% of the maps ({found['empty_maps']} empty); that region is "
@@ -401,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if "lesion_heat" in result:
         report["lesion_heat"] = result["lesion_heat"]
-        print_lesion_heat(result["lesion_heat"])
+    if args.compare_layers and args.checkpoint is not None and args.lesion_phantoms:
+        report["lesion_heat_by_layer"] = lesion_heat_by_layer(args.checkpoint, args)
     if "latency_c1" in result:
         summary = summarize(result)
         print(f"uploads {args.size}x{args.size} JPEG")
