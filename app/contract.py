@@ -97,10 +97,12 @@ class ModelInput:
 
 @dataclass(frozen=True)
 class Prediction(Generic[OutputT]):
-    """One image of a request: its decoded input and the model's output for it."""
+    """One image of a request: its decoded input, the model's output for it and, when the request asked for
+    one (``/classify?explain=gradcam``), its explanation (the JSON object ``app.explain`` rendered)."""
 
     input: ModelInput
     output: OutputT
+    explanation: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -109,12 +111,16 @@ class ResponseOptions:
 
     Attributes:
         top_k: list only the K most probable classes (classification); None lists all.
-        foreground_class: the class an interactive correction segments (``POST /segment/interactive``);
-            None: the first class after the background.
+        foreground_class: the class an interactive correction segments (``POST /segment/interactive``), or
+            whose probability ``/segment?format=probability`` draws; None: the first class after the background.
+        explain: ``gradcam``: each classification gains an explanation map (``app.explain``); None: none.
+        explain_target: the class explained; None: each image's predicted label.
     """
 
     top_k: int | None = None
     foreground_class: str | None = None
+    explain: str | None = None
+    explain_target: str | None = None
 
 
 @dataclass
@@ -146,6 +152,10 @@ class OutputFormat(Generic[RunnerT]):
             instead of paying a thread round trip.
         one_image: the answer covers one image (e.g. one DICOM object per source instance): an endpoint that
             takes several files refuses a request with more than one for this format (422, before decoding).
+        needs_scores: renders the model's class scores, not only the mask; endpoints whose answers are masks
+            made otherwise (``POST /segment/interactive``) do not offer it.
+        check_options: refuses, before inference, request options the format cannot honour for this model
+            (``(runner, options) -> None``, raising an ``app.errors.Problem``), e.g. an unknown class.
     """
 
     task: str
@@ -159,6 +169,8 @@ class OutputFormat(Generic[RunnerT]):
     openapi: dict[str, Any] | None = None
     cheap: bool = False
     one_image: bool = False
+    needs_scores: bool = False
+    check_options: Callable[[RunnerT, ResponseOptions], None] | None = None
 
 
 def read_upload(upload: ImageUpload, *, max_pixels: int | None, intensity: str) -> DecodedImage:

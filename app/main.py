@@ -27,6 +27,7 @@ from fastapi import FastAPI
 from app import admin
 from app.auth import ADMIN, INFER, JOBS, AccessPolicy, ApiKeyAuth, include_routes, load_api_keys
 from app.errors import install_error_handlers
+from app.explain import Explanations
 from app.kserve import router as kserve_router
 from app.logs import configure_logging
 from app.metrics import ServiceMetrics
@@ -166,6 +167,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool.shutdown(wait=False)
         raise
     app.state.pacs = pacs
+    app.state.explanations = explanations = Explanations(settings)
     logger.info("loading %d checkpoint(s) from %s onto %s", len(registry.models), settings.model_dir, device)
     loading = asyncio.create_task(_load_and_watch(registry, settings.model_poll_s), name="load-models")
     if pacs is not None:
@@ -188,6 +190,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
         logger.info("shutting down: running the %d request(s) still queued, then stopping", waiting)
         await registry.close()
+        await explanations.close()
         pool.shutdown(wait=True)
         logger.info("stopped")
 

@@ -7,9 +7,10 @@ description, the media types of the 200 answer, and the decode flags. ``register
 
 Built in:
     * segmentation: ``png`` (the mask), ``overlay`` (the mask drawn over the image), ``json`` (per-class
-      summary), ``dicom-seg`` (a DICOM Segmentation referencing the source DICOM);
-    * classification: ``json`` (label and class probabilities per image), ``dicom-sr`` (a DICOM Structured
-      Report of one DICOM image's classification).
+      summary), ``dicom-seg`` (a DICOM Segmentation referencing the source DICOM), ``probability`` (one class's
+      probability as an 8-bit PNG, the class chosen by ``?class=``);
+    * classification: ``json`` (label and class probabilities per image, and explanations when asked for),
+      ``dicom-sr`` (a DICOM Structured Report of one DICOM image's classification).
 
 JSON answers carry only the DICOM identifiers ``models.dicom_seg.safe_identifiers`` allows, never patient data.
 """
@@ -220,6 +221,45 @@ def encode_summary(
     return json.dumps(summary).encode()
 
 
+def probability_class_index(classes: Sequence[str], name: str | None) -> int:
+    """The class whose probability ``format=probability`` draws: ``name``, or the first after the background.
+
+    Raises:
+        app.errors.InvalidRequest: (422) ``name`` is not one of the model's classes.
+    """
+    if name is None:
+        return 1
+    if name in classes:
+        return list(classes).index(name)
+    message = f"class must be one of the model's classes {list(classes)}, not {name!r}"
+    raise InvalidRequest(
+        f"invalid parameter(s): class ({message})",
+        extra={"errors": [{"loc": ["query", "class"], "msg": message}]},
+    )
+
+
+def check_probability_class(runner: SegmentationRunner, options: ResponseOptions) -> None:
+    """Refuses an unknown ``class`` before the model runs (``probability_class_index``)."""
+    probability_class_index(runner.classes, options.foreground_class)
+
+
+def probability_png(probability: np.ndarray) -> np.ndarray:
+    """(H, W) probabilities in [0, 1] -> 8-bit gray: round(255 * p)."""
+    return np.clip(np.rint(probability * 255.0), 0, 255).astype(np.uint8)
+
+
+def encode_probability(
+    runner: SegmentationRunner, predictions: Sequence[Prediction[Any]], options: ResponseOptions
+) -> bytes:
+    """One class's probability at the image's original size, 8-bit (value / 255 is the probability)."""
+    if len(predictions) != 1:
+        raise ValueError(f"a segmentation answer covers one image, got {len(predictions)}")
+    index = probability_class_index(runner.classes, options.foreground_class)
+    prediction = predictions[0]
+    probabilities = runner.probabilities(prediction.input, prediction.output)
+    return png_bytes(probability_png(probabilities[index]))
+
+
 def check_dicom_reference(item: ModelInput, result: str) -> None:
     """Whether a DICOM ``result`` object (``"DICOM SEG"``, ``"DICOM SR"``) can reference this input.
 
@@ -279,10 +319,14 @@ def encode_dicom_seg(
 
 
 def classification_prediction(
-    classes: Sequence[str], probs: np.ndarray, item: ModelInput, top_k: int | None
+    classes: Sequence[str],
+    probs: np.ndarray,
+    item: ModelInput,
+    top_k: int | None,
+    explanation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One image's prediction: the most probable label and the probabilities of the ``top_k`` best classes,
-    plus the input's DICOM identifiers when it was DICOM."""
+    plus the input's DICOM identifiers when it was DICOM and its ``explanation`` when one was made."""
     order = np.argsort(-probs, kind="stable")
     if top_k is not None:
         order = order[:top_k]
@@ -293,6 +337,8 @@ def classification_prediction(
     }
     if item.dicom_uids is not None:
         prediction["dicom"] = item.dicom_uids
+    if explanation is not None:
+        prediction["explanation"] = explanation
     return prediction
 
 
@@ -300,7 +346,8 @@ def encode_predictions(
     runner: ClassificationRunner, predictions: Sequence[Prediction[Any]], options: ResponseOptions
 ) -> bytes:
     answers = [
-        classification_prediction(runner.classes, p.output, p.input, options.top_k) for p in predictions
+        classification_prediction(runner.classes, p.output, p.input, options.top_k, p.explanation)
+        for p in predictions
     ]
     return json.dumps({"model": runner.name, "version": runner.version, "predictions": answers}).encode()
 
@@ -408,6 +455,16 @@ BUILT_IN_FORMATS: tuple[OutputFormat[Any], ...] = (
         "source series and instance, one segment per foreground class named after it.",
         needs_source=True,
         check=check_seg_source,
+    ),
+    OutputFormat(
+        task=SegmentationRunner.task,
+        name="probability",
+        media_type="image/png",
+        encoder=encode_probability,
+        description="8-bit gray PNG of the model's probability of one class (`class=NAME`, default the first "
+        "class after the background) at the image's size: the value / 255 is the probability.",
+        needs_scores=True,
+        check_options=check_probability_class,
     ),
     OutputFormat(
         task=ClassificationRunner.task,

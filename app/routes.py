@@ -23,7 +23,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
-from app import interactive
+from app import explain, interactive
 from app.contract import ImageUpload, ModelInput, OutputFormat, Prediction, ResponseOptions, Runner
 from app.errors import (
     PROBLEM_BASE,
@@ -151,16 +151,18 @@ async def _decode(
     output_format: OutputFormat[Any],
     max_pixels: int,
     position: int | None,
+    keep_pixels: bool = False,
 ) -> ModelInput:
-    """Decodes one upload keeping what ``output_format`` needs; when ``position`` is given (one of several
-    files), a failure names the file (position and name) in the problem detail."""
+    """Decodes one upload keeping what ``output_format`` needs (and the pixels when ``keep_pixels``); when
+    ``position`` is given (one of several files), a failure names the file (position and name) in the problem
+    detail."""
     try:
         return await in_pool(
             pool,
             runner.decode,
             upload,
             max_pixels=max_pixels,
-            keep_pixels=output_format.needs_pixels,
+            keep_pixels=output_format.needs_pixels or keep_pixels,
             keep_source=output_format.needs_source,
         )
     except ImageError as exc:
@@ -200,13 +202,19 @@ async def answer_images(call: ImageRequest) -> Response:
     """The whole request of an image endpoint of ``task``: one image, or up to ``MAX_FILES`` when ``multiple``.
 
     If any image cannot be read, the whole request fails with that image's problem (the first in upload order).
+    With ``explain`` (``app.explain``) the request also takes a place in the model's explainer, which explains
+    the images once the batch has classified them.
     """
     request, settings, pool, multiple = call.http, call.settings, call.pool, call.multiple
     output_format, options = call.output_format, call.options
     # The version resolved now answers the request: its first place is taken before the next await.
     handle = call.registry.resolve(call.task, call.model, call.version)
     runner, batcher = handle.runner, handle.batcher
+    if output_format.check_options is not None:
+        output_format.check_options(runner, options)
+    plan = explain.plan_explanations(_state(request, "explanations"), runner, options)
     with contextlib.ExitStack() as places:
+        explaining = places.enter_context(plan.reserve()) if plan is not None else None
         # One place per image: the first before the body is read, the others once their number is known.
         reservations = [places.enter_context(batcher.reserve())]
         uploads = await read_uploads(request, max_files=settings.max_files if multiple else 1)
@@ -216,7 +224,13 @@ async def answer_images(call: ImageRequest) -> Response:
         decoded = await asyncio.gather(
             *(
                 _decode(
-                    pool, runner, upload, output_format, settings.max_pixels, index + 1 if multiple else None
+                    pool,
+                    runner,
+                    upload,
+                    output_format,
+                    settings.max_pixels,
+                    index + 1 if multiple else None,
+                    keep_pixels=plan is not None,
                 )
                 for index, upload in enumerate(uploads)
             ),
@@ -230,9 +244,16 @@ async def answer_images(call: ImageRequest) -> Response:
             return_exceptions=True,
         )
         outputs = first_failure_raised(await until_disconnected(request, submitted))
-    predictions = [Prediction(item, output) for item, output in zip(items, outputs, strict=True)]
+        explanations: list[dict[str, Any] | None] = [None] * len(items)
+        if plan is not None and explaining is not None:
+            explanations = list(await until_disconnected(request, plan.run(explaining, items, outputs)))
+    predictions = [
+        Prediction(item, output, explanation)
+        for item, output, explanation in zip(items, outputs, explanations, strict=True)
+    ]
     # A few numbers encode in microseconds, less than a thread round trip; the rest goes to the pool.
-    if output_format.cheap and len(predictions) * len(runner.classes) <= INLINE_ENCODE_MAX_VALUES:
+    cheap = output_format.cheap and plan is None
+    if cheap and len(predictions) * len(runner.classes) <= INLINE_ENCODE_MAX_VALUES:
         encoded = runner.encode(predictions, output_format, options)
     else:
         encoded = await in_pool(pool, runner.encode, predictions, output_format, options)
@@ -387,6 +408,7 @@ def add_image_route(
     options: Callable[..., Awaitable[ResponseOptions]],
     answer: ImageAnswer = answer_images,
     request_body: dict[str, Any] | None = None,
+    mask_only: bool = False,
     **route_options: Any,
 ) -> None:
     """Adds ``POST path`` answering images of ``task`` in any of the task's registered output formats.
@@ -394,9 +416,14 @@ def add_image_route(
     ``description`` is the operation's description; ``{formats}`` in it becomes the list of formats.
     ``options`` is a dependency giving the request's ``ResponseOptions`` (its query parameters). ``answer``
     answers the request (an ``ImageRequest``); ``request_body`` is its OpenAPI request body
-    (default: ``image_request_body``).
+    (default: ``image_request_body``). ``mask_only``: the answers are masks made without the model's scores,
+    so the formats that render scores (``needs_scores``) are not offered.
     """
-    formats = output_formats(task)
+    formats = {
+        name: output_format
+        for name, output_format in output_formats(task).items()
+        if not (mask_only and output_format.needs_scores)
+    }
     if default_format not in formats:
         raise ValueError(f"{task} has no output format {default_format!r}")
     # Defaults, not Annotated aliases: these annotations are strings, resolved in the module's namespace.
@@ -447,8 +474,34 @@ async def no_options() -> ResponseOptions:
 
 async def classify_options(
     top_k: Annotated[int | None, Query(ge=1, description="list only the K most probable classes")] = None,
+    explain_method: Annotated[
+        explain.ExplainMethod | None,
+        Query(
+            alias="explain",
+            description="gradcam: each prediction gains `explanation`, a Grad-CAM map of its label (or of "
+            "`target`) as PNGs",
+        ),
+    ] = None,
+    target: Annotated[
+        str | None,
+        Query(description="with explain: the class to explain (default: each image's predicted label)"),
+    ] = None,
 ) -> ResponseOptions:
-    return ResponseOptions(top_k=top_k)
+    explain.check_explain_options(explain_method, target)
+    return ResponseOptions(top_k=top_k, explain=explain_method, explain_target=target)
+
+
+async def segment_options(
+    probability_class: Annotated[
+        str | None,
+        Query(
+            alias="class",
+            description="with format=probability: the class whose probability is drawn (default the first "
+            "class after the background)",
+        ),
+    ] = None,
+) -> ResponseOptions:
+    return ResponseOptions(foreground_class=probability_class)
 
 
 async def interactive_options(
@@ -479,6 +532,12 @@ the most probable label and the class probabilities (softmax of the calibrated l
 `top_k` lists only the best K), and for DICOM input `dicom`: its Study/Series/SOP Instance UIDs (never patient
 data). If any image cannot be read, the whole request fails with the status of that
 image's problem (400 for an unreadable file) and the detail names the file; no other request is affected.
+
+`explain=gradcam`: each prediction also has `explanation`: `method`, `target` (the class explained: the label,
+or `target=CLASS`), `heatmap_png` (base64 of an 8-bit gray PNG of the image's size: the Grad-CAM map, 255 where
+the evidence for the class is strongest) and `overlay_png` (base64 of an RGB PNG: the map over the image).
+Explanations run on their own worker per model (`MEDSERVE_EXPLAIN_MAX_QUEUE` requests; beyond: 503 with
+Retry-After), never inside the inference batch; `GET /models` names the layer explained.
 
 {formats}"""
 
@@ -514,7 +573,7 @@ def image_router() -> APIRouter:
         description=SEGMENT_DESCRIPTION,
         default_format="png",
         multiple=False,
-        options=no_options,
+        options=segment_options,
         response_class=Response,
     )
     add_image_route(
@@ -529,6 +588,7 @@ def image_router() -> APIRouter:
         options=interactive_options,
         answer=answer_interactive,
         request_body=interactive_request_body(),
+        mask_only=True,
         response_class=Response,
     )
     add_image_route(
@@ -547,13 +607,14 @@ def image_router() -> APIRouter:
 
 
 @router.get("/models", summary="Served models", response_model=ModelsResponse)
-async def list_models(registry: RegistryDep) -> dict[str, Any]:
+async def list_models(request: Request, registry: RegistryDep) -> dict[str, Any]:
     """Every checkpoint of the model directory: task, version, classes, input size, training metrics, status
-    (``failed`` ones with their error) and batching counters."""
+    (``failed`` ones with their error), batching counters and, for classifiers, how they are explained."""
+    models = explain.with_explainer_stats(registry.describe(), _state(request, "explanations"))
     return {
         "ready": registry.ready,
         "device": str(registry.device),
-        "models": registry.describe(),
+        "models": models,
         "draining": registry.describe_draining(),
     }
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from app.contract import ImageUpload, ModelInput, Runner, RunnerT, ServingOptions
 from models.checkpoint import CheckpointError, load_model
 from models.classifier import probabilities
+from models.explain import TargetLayer, gradcam_layer
 from models.inference import Precision, forward, merge_tiles, split_tiles
 from models.preprocessing import prepare, to_original_size
 
@@ -151,8 +152,11 @@ class ClassificationRunner(Runner[np.ndarray]):
 
     task = "classification"
     temperature: float  # set by check_metadata
+    # Where Grad-CAM explains the network (``models.explain.gradcam_layer``); None: it cannot be explained.
+    explain_layer: TargetLayer | None
 
     def check_metadata(self) -> None:
+        self.explain_layer = gradcam_layer(self.model, self.spec.img_size)
         temperature = self.metadata.extra.get("temperature", 1.0)
         if (
             not isinstance(temperature, int | float)
@@ -185,6 +189,11 @@ class ClassificationRunner(Runner[np.ndarray]):
             probs = probabilities(logits, self.temperature)
             outputs.extend(p.numpy() for p in probs.unbind(0))
         return outputs
+
+    def describe(self) -> dict[str, Any]:
+        """``Runner.describe`` plus ``explain``: the explanation methods and the layer they explain (or None)."""
+        layer = self.explain_layer
+        return {**super().describe(), "explain": layer.describe() if layer is not None else None}
 
 
 # The runner class of each task a checkpoint's metadata can name.

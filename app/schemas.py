@@ -77,6 +77,23 @@ class DrainingVersion(VersionInfo):
     name: str
 
 
+class ExplainInfo(BaseModel):
+    """How a classifier's answers are explained (``?explain=``)."""
+
+    methods: list[str] = Field(examples=[["gradcam"]])
+    target_layer: str = Field(
+        description="the module Grad-CAM explains, its path in the network", examples=["features.4"]
+    )
+    layer: str = Field(
+        description="that module in words", examples=["resnet18 layer4 (stage 5 of 5, stride 32)"]
+    )
+    stats: dict[str, Any] | None = Field(
+        default=None,
+        description="the explanation worker's counters (requests, queue depth, time in queue and running, "
+        "images explained), once the model has explained something",
+    )
+
+
 class ModelInfo(BaseModel):
     """One checkpoint of the model directory."""
 
@@ -123,6 +140,11 @@ class ModelInfo(BaseModel):
     reloading: bool | None = Field(
         default=None, description="true while a new file loads and warms up (the serving version answers)"
     )
+    explain: ExplainInfo | None = Field(
+        default=None,
+        description="classifiers: the explanation methods of POST /classify?explain= and the layer Grad-CAM "
+        "explains; null when the network cannot be explained (or for other tasks)",
+    )
 
 
 class ModelsResponse(BaseModel):
@@ -146,6 +168,21 @@ class Prediction(BaseModel):
     dicom: DicomIdentifiers | None = Field(
         default=None, description="the image's Study/Series/SOP Instance UIDs; only for DICOM input"
     )
+    explanation: Explanation | None = Field(
+        default=None, description="only with ?explain=gradcam: the Grad-CAM map of the image"
+    )
+
+
+class Explanation(BaseModel):
+    """``/classify?explain=gradcam``: where the evidence for ``target`` lies in the image."""
+
+    method: str = Field(examples=["gradcam"])
+    target: str = Field(description="the class explained: the predicted label, or the request's `target`")
+    heatmap_png: str = Field(
+        description="base64 of an 8-bit grayscale PNG of the image's size: the Grad-CAM map, 255 where the "
+        "evidence is strongest, 0 where there is none"
+    )
+    overlay_png: str = Field(description="base64 of an RGB PNG: the map in the jet colour map over the image")
 
 
 class ClassifyResponse(BaseModel):

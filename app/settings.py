@@ -196,6 +196,21 @@ class Settings(BaseSettings):
         description="comma-separated AE@host entries allowed to associate; empty refuses every caller",
     )
     dimse_host: str = Field(default="0.0.0.0", description="address the DICOM port listens on")
+    # -- explanations (POST /classify?explain=gradcam, app.explain) --
+    explain_max_queue: int = Field(
+        default=4,
+        ge=1,
+        le=1024,
+        description="explanation requests waiting per model (queued or being decoded; the one being explained not "
+        "counted); beyond: 503",
+    )
+    explain_threads: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="PyTorch threads of each model's explanation worker (it runs at a lower CPU priority than "
+        "inference)",
+    )
 
     @property
     def max_batch_delay_s(self) -> float:

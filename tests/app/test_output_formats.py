@@ -125,7 +125,7 @@ async def test_a_registered_format_is_served_and_documented_by_the_real_route(
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"  # the default is unchanged
     segment = schema["paths"]["/segment"]["post"]
     parameter = next(p for p in segment["parameters"] if p["name"] == "format")
-    assert parameter["schema"]["enum"] == ["png", "overlay", "json", "dicom-seg", "mask-sum"]
+    assert parameter["schema"]["enum"] == ["png", "overlay", "json", "dicom-seg", "probability", "mask-sum"]
     assert "mask-sum" in parameter["description"]
     assert "`format=mask-sum`: the number of foreground pixels" in segment["description"]
     assert segment["responses"]["200"]["content"]["text/plain"] == {"schema": {"type": "string"}}
@@ -142,7 +142,10 @@ async def test_an_unregistered_format_is_refused_again(tmp_path: Path) -> None:
         schema = (await client.get("/openapi.json")).json()
     body = assert_problem(response, 422, "invalid-request")
     assert body["errors"] == [
-        {"loc": ["query", "format"], "msg": "Input should be 'png', 'overlay', 'json' or 'dicom-seg'"}
+        {
+            "loc": ["query", "format"],
+            "msg": "Input should be 'png', 'overlay', 'json', 'dicom-seg' or 'probability'",
+        }
     ]
     assert "text/plain" not in schema["paths"]["/segment"]["post"]["responses"]["200"]["content"]
 
@@ -174,6 +177,8 @@ async def test_classify_has_no_format_parameter_with_one_format(tmp_path: Path) 
         "model",
         "version",
         "top_k",
+        "explain",
+        "target",
     ]
     assert list(output_formats("classification")) == ["json", "dicom-sr"]
 
@@ -184,7 +189,7 @@ def test_a_format_needs_a_served_task_and_a_new_name() -> None:
         register_output_format(png)
     with pytest.raises(ValueError, match="no runner serves task 'detection'"):
         register_output_format(replace(png, task="detection"))
-    assert list(output_formats("segmentation")) == ["png", "overlay", "json", "dicom-seg"]
+    assert list(output_formats("segmentation")) == ["png", "overlay", "json", "dicom-seg", "probability"]
 
 
 def test_spoken_list() -> None:
@@ -216,4 +221,6 @@ def test_decode_keeps_what_the_format_needs_for_every_task(tmp_path: Path) -> No
         UnsupportedImageError, match="format=dicom-seg must reference a DICOM source"
     ) as refused:
         check_input(output_formats("segmentation")["dicom-seg"], kept)
-    assert "a png image" in str(refused.value) and "format=png, overlay or json" in str(refused.value)
+    assert "a png image" in str(refused.value) and "format=png, overlay, json or probability" in str(
+        refused.value
+    )

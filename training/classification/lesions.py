@@ -60,6 +60,15 @@ def render_lesion(rng: np.random.Generator, size: int, malignant: bool) -> np.nd
     Returns:
         uint8 (size, size) grayscale image.
     """
+    return render_lesion_with_mask(rng, size, malignant)[0]
+
+
+def render_lesion_with_mask(
+    rng: np.random.Generator, size: int, malignant: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """One phantom image (as ``render_lesion``, from the same random draws) and where its lesion is: the
+    (size, size) bool mask of the pixels at least half covered by the lesion (margin blur included), e.g. to
+    check where an explanation map puts the evidence."""
     if size < 32:
         raise ValueError(f"size must be >= 32, got {size}")
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
@@ -81,7 +90,7 @@ def render_lesion(rng: np.random.Generator, size: int, malignant: bool) -> np.nd
     contrast = rng.uniform(0.18, 0.35)
     image = _background(rng, size) + contrast * lesion
     image += rng.normal(0.0, rng.uniform(0.02, 0.05), size=image.shape)
-    return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8), lesion >= 0.5
 
 
 def generate_lesion_dataset(out_dir: str | Path, n_per_class: int, size: int = 64, seed: int = 0) -> Path:

@@ -10,7 +10,13 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from training.classification.lesions import CLASSES, generate_lesion_dataset, generate_lesions, render_lesion
+from training.classification.lesions import (
+    CLASSES,
+    generate_lesion_dataset,
+    generate_lesions,
+    render_lesion,
+    render_lesion_with_mask,
+)
 
 
 def test_dataset_layout_is_what_training_reads(tmp_path: Path) -> None:
@@ -53,6 +59,24 @@ def test_malignant_outlines_are_irregular_benign_ones_round() -> None:
     malignant = [_compactness(render_lesion(np.random.default_rng([1, 1, i]), 64, True)) for i in range(30)]
     assert np.median(malignant) > 1.2 * np.median(benign)
     assert roc_auc_score([0] * 30 + [1] * 30, benign + malignant) > 0.85
+
+
+@pytest.mark.parametrize("malignant", [False, True])
+def test_the_mask_is_where_the_lesion_is_drawn(malignant: bool) -> None:
+    """The same image as render_lesion, and a mask that is brighter than the rest of the image by the lesion's
+    contrast (0.18 to 0.35 of the range)."""
+    for index in range(5):
+        image, mask = render_lesion_with_mask(
+            np.random.default_rng([2, int(malignant), index]), 64, malignant
+        )
+        assert np.array_equal(
+            image, render_lesion(np.random.default_rng([2, int(malignant), index]), 64, malignant)
+        )
+        assert mask.dtype == bool and mask.shape == (64, 64)
+        assert 0.02 < mask.mean() < 0.3
+        labels, count = ndimage.label(mask)
+        assert count >= 1 and np.bincount(labels.ravel())[1:].max() > 0.8 * mask.sum()  # one main blob
+        assert image[mask].mean() - image[~mask].mean() > 0.12 * 255
 
 
 def test_too_small_or_empty_requests_are_errors(tmp_path: Path) -> None:
