@@ -279,9 +279,8 @@ def test_classification_shows_the_probabilities_as_bars_that_sum_to_100_percent(
         sorted((v / 100 for v in shown.values()), reverse=True), abs=0.01
     )
     assert (canvas_pixels(page, "image-canvas")[:, :, 0] == lesion).all()
-    # Nothing to warn about, nothing to explain with this checkpoint.
+    # Nothing to warn about with this checkpoint (it has no out-of-distribution statistics).
     assert not page.locator("#ood-warning").is_visible()
-    assert not page.locator("#explanation-controls").is_visible()
     screenshot(page, tmp_path, "classification")
     assert_fits_the_window(page)
     page.set_viewport_size(NARROW)
@@ -289,17 +288,78 @@ def test_classification_shows_the_probabilities_as_bars_that_sum_to_100_percent(
     assert_fits_the_window(page)
 
 
-def test_a_dicom_classification_shows_the_bars_and_says_why_there_is_no_image(
-    page: Any, service: Service
+def explanation_of(service: Service, png: bytes, target: str | None = None) -> dict[str, str]:
+    params = {"model": "lesion", "explain": "gradcam", **({"target": target} if target else {})}
+    response = httpx.post(
+        f"{service.url}/classify", params=params, files={"file": ("lesion.png", png)}, timeout=120
+    )
+    assert response.status_code == 200, response.text
+    explanation: dict[str, str] = response.json()["predictions"][0]["explanation"]
+    return explanation
+
+
+def shown_explanation(page: Any) -> np.ndarray:
+    src = page.locator("#explanation-image").get_attribute("src") or ""
+    assert src.startswith("data:image/png;base64,")
+    return decode_png(base64.b64decode(src.split(",", 1)[1])).astype(int)
+
+
+def test_classification_shows_the_explanation_map_over_the_image_with_a_toggle(
+    page: Any, service: Service, tmp_path: Path
 ) -> None:
+    lesion = render_lesion(np.random.default_rng(11), 64, malignant=True)
+    png = encode_image(lesion)
+    open_viewer(page, service)
+    page.get_by_label("Model", exact=True).select_option("lesion")
+    assert "Grad-CAM" in page.locator("#model-info").inner_text()
+    upload(page, "lesion.png", "image/png", png)
+    page.locator("#explanation-controls").wait_for()
+    label = page.locator("#predicted").inner_text().removeprefix("Most probable: ").split(" (")[0]
+
+    # The service's overlay of the map, at the image's size, exactly over the image.
+    expected = explanation_of(service, png)
+    assert expected["target"] == label
+    shown = shown_explanation(page)
+    assert shown.shape == (*lesion.shape, 3)
+    assert np.abs(shown - decode_png(base64.b64decode(expected["overlay_png"])).astype(int)).max() <= 1
+    image_box = page.locator("#image-canvas").bounding_box()
+    map_box = page.locator("#explanation-image").bounding_box()
+    assert image_box is not None and map_box is not None
+    assert map_box == pytest.approx(image_box, abs=1)
+    toggle = page.get_by_label("Show the Grad-CAM map")
+    assert toggle.is_checked() and f"“{label}”" in page.locator("#explanation-label").inner_text()
+    screenshot(page, tmp_path, "explanation")
+
+    # The toggle hides and shows it (keyboard).
+    toggle.focus()
+    page.keyboard.press("Space")
+    assert not page.locator("#explanation-image").is_visible()
+    page.keyboard.press("Space")
+    assert page.locator("#explanation-image").is_visible()
+
+    # Another class explained on request (target=).
+    other = "benign" if label == "malignant" else "malignant"
+    page.get_by_label("Explain the class").select_option(other)
+    page.locator("#explanation-label", has_text=f"“{other}”").wait_for()
+    wanted = explanation_of(service, png, target=other)
+    assert wanted["target"] == other
+    assert np.abs(shown_explanation(page) - decode_png(base64.b64decode(wanted["overlay_png"]))).max() <= 1
+
+
+def test_a_dicom_classification_is_shown_through_its_explanation_map(page: Any, service: Service) -> None:
     lesion = render_lesion(np.random.default_rng(13), 64, malignant=False)
     open_viewer(page, service)
     page.get_by_label("Model", exact=True).select_option("lesion")
     upload(page, "lesion.dcm", "application/dicom", make_dicom(lesion, bits_stored=8))
     page.locator("#classification").wait_for()
     assert page.locator("#bars li").count() == 2
-    assert page.locator("#no-preview").is_visible()
+    # The browser cannot decode DICOM: the explanation overlay (the image as the service read it, with the
+    # map) is the only picture; hiding the map leaves the note that says why there is no image.
     assert not page.locator("#image-canvas").is_visible()
+    assert page.locator("#explanation-image").is_visible()
+    page.get_by_label("Show the Grad-CAM map").uncheck()
+    assert page.locator("#no-preview").is_visible()
+    assert not page.locator("#explanation-image").is_visible()
 
 
 def test_dropping_a_file_on_the_page_analyses_it(page: Any, service: Service) -> None:
