@@ -34,6 +34,7 @@ from models.checkpoint import CheckpointError, CheckpointMetadata
 from models.dicom_seg import safe_identifiers
 from models.imageio import DecodedImage, DicomRef, ImageError, read_image, resolve_intensity
 from models.inference import Precision, prepare_for_device
+from models.ood import FeatureTap, OODAssessment, OODStatistics, feature_layer, per_image
 
 OutputT = TypeVar("OutputT")
 RunnerT = TypeVar("RunnerT", bound="Runner[Any]")
@@ -75,6 +76,8 @@ class ModelInput:
         dicom_uids: the identifiers answers may echo (``safe_identifiers``) when the input was DICOM, else None.
         source: the source DICOM, kept only for formats that reference it (it holds patient data: never log it).
         source_format: the input's format (``png``, ``dicom``, ...).
+        ood: set by ``Runner.run_batch``: the input's out-of-distribution score, from the prediction's own
+            forward pass (``models.ood``); None when the model has no OOD statistics.
     """
 
     image: torch.Tensor
@@ -85,6 +88,7 @@ class ModelInput:
     dicom_uids: dict[str, str] | None = None
     source: DicomRef | None = None
     source_format: str = ""
+    ood: OODAssessment | None = None
 
 
 @dataclass(frozen=True)
@@ -231,6 +235,16 @@ class Runner(ABC, Generic[OutputT]):
         self.device = serving.device
         self.precision = serving.precision
         self.forward_batch_size = serving.forward_batch_size  # the batch-size tuning may lower it
+        self.ood: OODStatistics | None = metadata.ood
+        self.ood_layer: nn.Module | None = None
+        if self.ood is not None:
+            found = feature_layer(model)
+            if found is None:
+                raise CheckpointError(
+                    f"{name}: the checkpoint has out-of-distribution statistics but no feature layer is known "
+                    f"for {type(model).__name__}"
+                )
+            self.ood_layer = found[0]
         self.check_metadata()
 
     @classmethod
@@ -309,9 +323,35 @@ class Runner(ABC, Generic[OutputT]):
         return ModelInput(torch.zeros(self.spec.in_channels, h, w), h, w)
 
     def run_batch(self, inputs: list[ModelInput]) -> list[OutputT]:
-        """``predict`` under ``torch.inference_mode()``: what the batcher calls in the model's thread."""
+        """``predict`` under ``torch.inference_mode()``: what the batcher calls in the model's thread.
+
+        With OOD statistics, the feature layer's output is collected during ``predict``'s forward passes (no
+        second pass) and each input's ``ood`` is set.
+        """
         with torch.inference_mode():
-            return self.predict(inputs)
+            if self.ood_layer is None:
+                return self.predict(inputs)
+            with FeatureTap(self.ood_layer) as tap:
+                outputs = self.predict(inputs)
+        self.assess_ood(inputs, tap.features())
+        return outputs
+
+    def feature_rows(self, item: ModelInput) -> int:
+        """How many rows of OOD features ``predict``'s forward passes produce for ``item`` (its windows)."""
+        return 1
+
+    def assess_ood(self, inputs: list[ModelInput], features: torch.Tensor) -> None:
+        """Sets each input's ``ood`` from the features of one ``predict`` call (rows in input order)."""
+        assert self.ood is not None
+        counts = [self.feature_rows(item) for item in inputs]
+        if features.shape[0] != sum(counts):
+            raise RuntimeError(
+                f"{self.name}: {features.shape[0]} OOD feature rows for {sum(counts)} expected from "
+                f"{len(inputs)} inputs"
+            )
+        per_input = features if all(c == 1 for c in counts) else per_image(features, counts)
+        for item, score in zip(inputs, self.ood.scores(per_input), strict=True):
+            item.ood = self.ood.assess(float(score))
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /models`` shows about the model."""
@@ -332,4 +372,6 @@ class Runner(ABC, Generic[OutputT]):
             "created_at": meta.created_at,
             "device": str(self.device),
             "precision": self.precision if self.device.type == "cuda" else "fp32",
+            # Out-of-distribution statistics (models.ood): threshold, percentile, features; None without.
+            "ood": self.ood.summary() if self.ood is not None else None,
         }
