@@ -160,7 +160,7 @@ def mahalanobis_scores(
 
 
 def fit_gaussian(
-    features: np.ndarray | torch.Tensor, groups: Sequence[int], n_groups: int
+    features: np.ndarray | torch.Tensor, groups: Sequence[int] | np.ndarray, n_groups: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Group means (G, F) and the precision (F, F) of the shared Ledoit-Wolf-shrunk covariance.
 
@@ -204,7 +204,7 @@ def quantiles(scores: np.ndarray) -> dict[str, float]:
 
 def fit_statistics(
     fit_features: np.ndarray | torch.Tensor,
-    fit_groups: Sequence[int],
+    fit_groups: Sequence[int] | np.ndarray,
     group_names: Sequence[str],
     calibration_features: np.ndarray | torch.Tensor | None,
     *,
