@@ -34,6 +34,7 @@ from models.checkpoint import CheckpointError, CheckpointMetadata
 from models.dicom_seg import safe_identifiers
 from models.imageio import DecodedImage, DicomRef, ImageError, read_image, resolve_intensity
 from models.inference import Precision, forward, prepare_for_device
+from models.ood import FeatureTap, OODAssessment, OODStatistics, feature_layer, per_image
 
 OutputT = TypeVar("OutputT")
 RunnerT = TypeVar("RunnerT", bound="Runner[Any]")
@@ -77,6 +78,8 @@ class ModelInput:
         source_format: the input's format (``png``, ``dicom``, ...).
         raw: ``image`` is a network input given as such (the Open Inference Protocol): the model's output for
             it is the network's raw output (logits), not the task's answer.
+        ood: set by ``Runner.run_batch``: the input's out-of-distribution score, from the prediction's own
+            forward pass (``models.ood``); None when the model has no OOD statistics.
     """
 
     image: torch.Tensor
@@ -87,6 +90,7 @@ class ModelInput:
     dicom_uids: dict[str, str] | None = None
     source: DicomRef | None = None
     source_format: str = ""
+    ood: OODAssessment | None = None
     raw: bool = False
 
     @classmethod
@@ -254,6 +258,16 @@ class Runner(ABC, Generic[OutputT]):
         self.device = serving.device
         self.precision = serving.precision
         self.forward_batch_size = serving.forward_batch_size  # the batch-size tuning may lower it
+        self.ood: OODStatistics | None = metadata.ood
+        self.ood_layer: nn.Module | None = None
+        if self.ood is not None:
+            found = feature_layer(model)
+            if found is None:
+                raise CheckpointError(
+                    f"{name}: the checkpoint has out-of-distribution statistics but no feature layer is known "
+                    f"for {type(model).__name__}"
+                )
+            self.ood_layer = found[0]
         self.check_metadata()
 
     @classmethod
@@ -339,22 +353,51 @@ class Runner(ABC, Generic[OutputT]):
             outputs.extend(row.numpy() for row in forward(self.model, chunk, self.device, self.precision))
         return outputs
 
+    def predict_assessed(self, inputs: list[ModelInput]) -> list[OutputT]:
+        """``predict``; with OOD statistics, the feature layer's output is collected during its forward passes
+        (no second pass) and each input's ``ood`` is set."""
+        if self.ood_layer is None:
+            return self.predict(inputs)
+        with FeatureTap(self.ood_layer) as tap:
+            outputs = self.predict(inputs)
+        self.assess_ood(inputs, tap.features())
+        return outputs
+
     def run_batch(self, inputs: list[ModelInput]) -> list[Any]:
-        """What the batcher calls in the model's thread, under ``torch.inference_mode()``: ``predict`` for the
-        task's inputs, ``network_outputs`` for ``raw`` ones, in one batch and in the inputs' order."""
+        """What the batcher calls in the model's thread, under ``torch.inference_mode()``:
+        ``predict_assessed`` for the task's inputs, ``network_outputs`` for ``raw`` ones (the Open Inference
+        Protocol; no OOD score), in one batch and in the inputs' order."""
         with torch.inference_mode():
             if not any(item.raw for item in inputs):
-                return list(self.predict(inputs))
+                return list(self.predict_assessed(inputs))
             answers: list[Any] = [None] * len(inputs)
             task_items = [i for i, item in enumerate(inputs) if not item.raw]
             raw_items = [i for i, item in enumerate(inputs) if item.raw]
             if task_items:
-                for i, output in zip(task_items, self.predict([inputs[i] for i in task_items]), strict=True):
+                task_outputs = self.predict_assessed([inputs[i] for i in task_items])
+                for i, output in zip(task_items, task_outputs, strict=True):
                     answers[i] = output
             raw_outputs = self.network_outputs([inputs[i].image for i in raw_items])
             for i, raw_output in zip(raw_items, raw_outputs, strict=True):
                 answers[i] = raw_output
             return answers
+
+    def feature_rows(self, item: ModelInput) -> int:
+        """How many rows of OOD features ``predict``'s forward passes produce for ``item`` (its windows)."""
+        return 1
+
+    def assess_ood(self, inputs: list[ModelInput], features: torch.Tensor) -> None:
+        """Sets each input's ``ood`` from the features of one ``predict`` call (rows in input order)."""
+        assert self.ood is not None
+        counts = [self.feature_rows(item) for item in inputs]
+        if features.shape[0] != sum(counts):
+            raise RuntimeError(
+                f"{self.name}: {features.shape[0]} OOD feature rows for {sum(counts)} expected from "
+                f"{len(inputs)} inputs"
+            )
+        per_input = features if all(c == 1 for c in counts) else per_image(features, counts)
+        for item, score in zip(inputs, self.ood.scores(per_input), strict=True):
+            item.ood = self.ood.assess(float(score))
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /models`` shows about the model."""
@@ -375,4 +418,6 @@ class Runner(ABC, Generic[OutputT]):
             "created_at": meta.created_at,
             "device": str(self.device),
             "precision": self.precision if self.device.type == "cuda" else "fp32",
+            # Out-of-distribution statistics (models.ood): threshold, percentile, features; None without.
+            "ood": self.ood.summary() if self.ood is not None else None,
         }

@@ -9,6 +9,8 @@ as in the tests, never clash). Recorded as they happen:
 * ``medserve_batch_size{model}``: requests per model batch.
 * ``medserve_queue_wait_seconds{model}``: time each request waited in its model's queue before its batch ran.
 * ``medserve_batch_duration_seconds{model}``: time of one batch in the model.
+* ``medserve_ood_scored_total{model}`` / ``medserve_ood_flagged_total{model}``: images answered with an
+  out-of-distribution score, and those of them flagged (``app.ood``).
 
 Read from the live state at each scrape (a custom collector):
 
@@ -169,6 +171,18 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.ood_scored = Counter(
+            "medserve_ood_scored",
+            "Images answered with an out-of-distribution score",
+            ["model"],
+            registry=self.registry,
+        )
+        self.ood_flagged = Counter(
+            "medserve_ood_flagged",
+            "Images answered with the out-of-distribution flag set",
+            ["model"],
+            registry=self.registry,
+        )
         self._live = _LiveState()
         self.registry.register(self._live)
         ProcessCollector(registry=self.registry)
@@ -188,6 +202,12 @@ class ServiceMetrics:
         for seconds in queue_seconds:
             wait.observe(seconds)
         self.batch_duration.labels(model).observe(run_seconds)
+
+    def observe_ood(self, model: str, scored: int, flagged: int) -> None:
+        """Counts an answer's images with an OOD score and those flagged."""
+        if scored:
+            self.ood_scored.labels(model).inc(scored)
+            self.ood_flagged.labels(model).inc(flagged)
 
     def render(self) -> bytes:
         """The Prometheus text format (version 0.0.4) of every metric."""

@@ -29,6 +29,7 @@ from scipy import ndimage
 
 from app.contract import ModelInput, OutputFormat, Prediction, ResponseOptions, RunnerT
 from app.errors import InvalidRequest
+from app.ood import ood_json
 from app.runners import RUNNERS, ClassificationRunner, SegmentationRunner
 from app.schemas import SegmentSummary
 from models.dicom_seg import SAFE_UID_KEYWORDS, SEG_MEDIA_TYPE, DicomSegError, build_dicom_seg
@@ -216,6 +217,7 @@ def encode_summary(
 ) -> bytes:
     item, mask = only_mask(runner, predictions)
     summary = {"model": runner.name, "version": runner.version, **summarize(mask, runner.classes)}
+    summary["ood"] = ood_json(item)
     if item.dicom_uids is not None:  # DICOM input; {} when it carried no valid UID
         summary["dicom"] = item.dicom_uids
     return json.dumps(summary).encode()
@@ -334,6 +336,7 @@ def classification_prediction(
         "filename": item.filename,
         "label": classes[int(order[0])],
         "probabilities": {classes[int(i)]: float(probs[int(i)]) for i in order},
+        "ood": ood_json(item),
     }
     if item.dicom_uids is not None:
         prediction["dicom"] = item.dicom_uids
@@ -408,6 +411,7 @@ SEGMENT_SUMMARY_EXAMPLE = {
             "components": 1,
         },
     ],
+    "ood": {"score": 41.7, "threshold": 58.2, "flagged": False},
 }
 CLASSIFY_EXAMPLE = {
     "model": "classifier",
@@ -417,6 +421,7 @@ CLASSIFY_EXAMPLE = {
             "filename": "lesion-17.png",
             "label": "malignant",
             "probabilities": {"malignant": 0.91, "benign": 0.09},
+            "ood": {"score": 12.3, "threshold": 17.9, "flagged": False},
         }
     ],
 }

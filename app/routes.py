@@ -35,6 +35,8 @@ from app.errors import (
     from_image_error,
     retry_after,
 )
+from app.metrics import ServiceMetrics
+from app.ood import HEADERS_OPENAPI, ood_counts, ood_headers
 from app.outputs import check_image_count, check_input, output_formats, spoken_list
 from app.registry import ModelRegistry, ModelVersion
 from app.runners import ClassificationRunner, SegmentationRunner
@@ -142,6 +144,14 @@ def first_failure_raised(results: Sequence[T | BaseException]) -> list[T]:
 
 def _model_headers(handle: ModelVersion, runner: Runner[Any]) -> dict[str, str]:
     return {"X-Model-Name": handle.name, "X-Model-Version": runner.version}
+
+
+def answered_ood(request: Request, model: str, predictions: Sequence[Prediction[Any]]) -> dict[str, str]:
+    """Counts the answer's OOD scores and flags in ``/metrics``; returns its OOD headers (``app.ood``)."""
+    metrics = getattr(request.app.state, "metrics", None)
+    if isinstance(metrics, ServiceMetrics):
+        metrics.observe_ood(model, *ood_counts(predictions))
+    return ood_headers(predictions)
 
 
 async def _decode(
@@ -257,7 +267,8 @@ async def answer_images(call: ImageRequest) -> Response:
         encoded = runner.encode(predictions, output_format, options)
     else:
         encoded = await in_pool(pool, runner.encode, predictions, output_format, options)
-    return Response(encoded.body, media_type=encoded.media_type, headers=_model_headers(handle, runner))
+    headers = {**_model_headers(handle, runner), **answered_ood(request, handle.name, predictions)}
+    return Response(encoded.body, media_type=encoded.media_type, headers=headers)
 
 
 async def answer_interactive(call: ImageRequest) -> Response:
@@ -295,6 +306,8 @@ async def answer_interactive(call: ImageRequest) -> Response:
         answerer = interactive.MaskAnswerer(handle.name, runner.version, runner.classes)
     body = await in_pool(pool, call.output_format.encoder, answerer, [Prediction(item, mask)], options)
     headers = {"X-Model-Name": answerer.name, "X-Model-Version": answerer.version}
+    if call.model is not None:  # the model's prediction was refined: its OOD flag applies
+        headers.update(answered_ood(call.http, answerer.name, [Prediction(item, mask)]))
     return Response(body, media_type=call.output_format.media_type, headers=headers)
 
 
@@ -386,6 +399,7 @@ def ok_response(formats: dict[str, OutputFormat[Any]]) -> dict[str, Any]:
         "headers": {
             "X-Model-Name": {"description": "model that answered", "schema": {"type": "string"}},
             "X-Model-Version": {"description": "its version (content hash)", "schema": {"type": "string"}},
+            **HEADERS_OPENAPI,
         },
     }
     if len(formats) > 1:

@@ -33,6 +33,7 @@ from models.checkpoint import CheckpointError, load_model
 from models.classifier import probabilities
 from models.explain import TargetLayer, gradcam_layer
 from models.inference import Precision, forward, merge_tiles, split_tiles
+from models.ood import window_count
 from models.preprocessing import prepare, to_original_size
 
 __all__ = [
@@ -110,6 +111,12 @@ class SegmentationRunner(Runner[torch.Tensor]):
             else:
                 outputs.append(merge_tiles(torch.softmax(window_logits, dim=1), tiling))
         return outputs
+
+    def feature_rows(self, item: ModelInput) -> int:
+        """Tiled prediction runs every window of an image through the model: one feature row each."""
+        if self.spec.resize in ("tile", "fit"):
+            return window_count(item.image, self.spec.img_size, self.spec.tile_overlap)
+        return 1
 
     def mask(self, item: ModelInput, scores: torch.Tensor) -> np.ndarray:
         """Class index per pixel (H, W) at the input's original size, from scores (K, H', W')."""

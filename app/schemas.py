@@ -45,6 +45,14 @@ class DicomIdentifiers(BaseModel):
     SOPInstanceUID: str | None = Field(default=None, examples=["1.2.826.0.1.3680043.8.498.3"])
 
 
+class OODResult(BaseModel):
+    """How unlike the model's training data the image is (``models.ood``)."""
+
+    score: float = Field(description="Mahalanobis distance of the image's features to the training features")
+    threshold: float = Field(description="the model's threshold (a percentile of validation images' scores)")
+    flagged: bool = Field(description="score > threshold: the image is unlike the training data")
+
+
 class SegmentSummary(BaseModel):
     """``/segment?format=json``."""
 
@@ -55,6 +63,9 @@ class SegmentSummary(BaseModel):
     classes: list[ClassArea]
     dicom: DicomIdentifiers | None = Field(
         default=None, description="the request's Study/Series/SOP Instance UIDs; only for DICOM input"
+    )
+    ood: OODResult | None = Field(
+        default=None, description="out-of-distribution flag; null when the model has no OOD statistics"
     )
 
 
@@ -145,6 +156,11 @@ class ModelInfo(BaseModel):
         description="classifiers: the explanation methods of POST /classify?explain= and the layer Grad-CAM "
         "explains; null when the network cannot be explained (or for other tasks)",
     )
+    ood: dict[str, Any] | None = Field(
+        default=None,
+        description="out-of-distribution statistics: threshold, percentile, features, images fitted and "
+        "calibrated on; null when the model has none (answers then carry ood null)",
+    )
 
 
 class ModelsResponse(BaseModel):
@@ -170,6 +186,10 @@ class Prediction(BaseModel):
     )
     explanation: Explanation | None = Field(
         default=None, description="only with ?explain=gradcam: the Grad-CAM map of the image"
+    )
+
+    ood: OODResult | None = Field(
+        default=None, description="out-of-distribution flag; null when the model has no OOD statistics"
     )
 
 

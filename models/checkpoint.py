@@ -14,6 +14,11 @@ code, so a crafted file cannot execute anything. The metadata is stored as JSON 
 validated with pydantic on load. ``version`` is a SHA-256 over the weights and the metadata (minus the version
 itself): the same model always has the same version, and any change to either gives a new one.
 
+Out-of-distribution statistics (``models.ood.OODStatistics``, optional): their plain fields are the metadata's
+``ood`` object, their two tensors (the group means and the precision matrix) the payload's optional ``"ood"``
+dict ``{"means": tensor, "precision": tensor}``. Both enter the version hash; a checkpoint without them hashes as
+before they existed (``ood`` absent, not null). Readers that predate them ignore both (no format version change).
+
 Format history: version 2 added the U-Net's ``upsample`` argument with a new default (``deconv``). Version 1
 files are still read: their U-Nets were all built with nearest up-sampling, so ``upsample = "nearest"`` is
 filled in when the file does not say.
@@ -35,6 +40,7 @@ from torch import nn
 
 from models import __version__
 from models.inference import FLIPS
+from models.ood import TENSOR_FIELDS, OODStatistics
 from models.preprocessing import Preprocessing
 from models.registry import build_architecture
 
@@ -67,6 +73,9 @@ class CheckpointMetadata(BaseModel):
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     versions: dict[str, str] = Field(default_factory=dict, description="library versions used to train")
     extra: dict[str, Any] = Field(default_factory=dict, description="task-specific data, e.g. calibration")
+    ood: OODStatistics | None = Field(
+        default=None, description="out-of-distribution statistics and threshold (models.ood); None: none"
+    )
     version: str = Field(default="", description="content hash of weights + metadata; the model's version")
 
     @property
@@ -93,18 +102,32 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def content_hash(state_dict: dict[str, torch.Tensor], metadata: CheckpointMetadata) -> str:
-    """SHA-256 over the tensors (names, dtypes, shapes, bytes) and the metadata without its version field."""
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach().cpu().contiguous()
-        digest.update(name.encode())
+def _hash_tensors(digest: Any, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update((prefix + name).encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(str(tuple(tensor.shape)).encode())
         # 0-dim tensors (e.g. BatchNorm num_batches_tracked) must be flattened before a byte view.
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    meta = metadata.model_dump(mode="json", exclude={"version"})
-    digest.update(json.dumps(meta, sort_keys=True).encode())
+
+
+def metadata_json(metadata: CheckpointMetadata, *, exclude_version: bool = False) -> dict[str, Any]:
+    """The metadata as stored (JSON types); ``ood`` left out when there is none, as before it existed."""
+    meta = metadata.model_dump(mode="json", exclude={"version"} if exclude_version else None)
+    if meta.get("ood") is None:
+        meta.pop("ood", None)
+    return meta
+
+
+def content_hash(state_dict: dict[str, torch.Tensor], metadata: CheckpointMetadata) -> str:
+    """SHA-256 over the tensors (names, dtypes, shapes, bytes), the OOD statistics' tensors when there are
+    some, and the metadata without its version field."""
+    digest = hashlib.sha256()
+    _hash_tensors(digest, state_dict)
+    if metadata.ood is not None:
+        _hash_tensors(digest, metadata.ood.tensors(), prefix="ood.")
+    digest.update(json.dumps(metadata_json(metadata, exclude_version=True), sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 
@@ -121,12 +144,14 @@ def save_checkpoint(
         update={"versions": metadata.versions or library_versions(), "version": ""}
     )
     metadata = metadata.model_copy(update={"version": content_hash(state, metadata)})
-    payload = {
+    payload: dict[str, Any] = {
         "medserve_format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "metadata": metadata.model_dump_json(),
+        "metadata": metadata.model_dump_json(exclude={"ood"} if metadata.ood is None else None),
         "state_dict": state,
     }
+    if metadata.ood is not None:
+        payload["ood"] = metadata.ood.tensors()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
@@ -168,13 +193,33 @@ def load_checkpoint(path: str | Path) -> tuple[CheckpointMetadata, dict[str, tor
             f"({FORMAT_VERSION}); upgrade MedServe to load it"
         )
     try:
-        metadata = CheckpointMetadata.model_validate_json(payload["metadata"])
-    except (KeyError, TypeError, ValidationError) as exc:
+        metadata = CheckpointMetadata.model_validate(_metadata_with_tensors(payload))
+    except (KeyError, TypeError, ValueError, ValidationError) as exc:
         raise CheckpointError(f"{path}: invalid checkpoint metadata: {exc}") from exc
     state = payload.get("state_dict")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: checkpoint has no valid state_dict")
     return _upgrade(metadata, version), state
+
+
+def _metadata_with_tensors(payload: dict[str, Any]) -> dict[str, Any]:
+    """The stored metadata JSON as a dict, its ``ood`` object joined with the payload's OOD tensors."""
+    meta = json.loads(payload["metadata"])
+    if not isinstance(meta, dict):
+        raise TypeError("the metadata is not a JSON object")
+    ood = meta.get("ood")
+    if ood is not None:
+        tensors = payload.get("ood")
+        if not isinstance(tensors, dict) or not all(
+            isinstance(tensors.get(name), torch.Tensor) for name in TENSOR_FIELDS
+        ):
+            raise ValueError(
+                f"the metadata has ood statistics but the file lacks their tensors {TENSOR_FIELDS}"
+            )
+        if not isinstance(ood, dict):
+            raise TypeError("ood is not a JSON object")
+        meta["ood"] = {**ood, **{name: tensors[name] for name in TENSOR_FIELDS}}
+    return meta
 
 
 def _upgrade(metadata: CheckpointMetadata, version: int) -> CheckpointMetadata:

@@ -32,6 +32,11 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("serve",), "app.cli", "start the inference service"),
     (("export",), "training.export", "export a checkpoint to ONNX or TorchScript"),
     (("info",), "training.info", "print a checkpoint's metadata"),
+    (
+        ("calibrate-ood",),
+        "training.calibrate_ood",
+        "add out-of-distribution statistics to a checkpoint (a new version)",
+    ),
 ]
 
 

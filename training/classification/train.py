@@ -60,6 +60,7 @@ from training.classification.data import (
 )
 from training.classification.engine import evaluate, predict_logits, train_one_epoch
 from training.classification.transforms import AugmentConfig
+from training.common.ood import add_ood_statistics, add_percentile_argument, percentile_of, read_pixels
 from training.common.options import add_device_argument, add_intensity_argument, json_args, parse_size
 from training.common.precision import mixed_precision
 from training.common.run import TrainResult, write_history
@@ -151,6 +152,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue from RUN_DIR/last.pth (or the given file)",
     )
     opt.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
+    add_percentile_argument(opt)
     aug = parser.add_argument_group("augmentation (defaults suit radiographs)")
     aug.add_argument("--no-augment", dest="augment", action="store_false")
     aug.add_argument("--rotation", type=float, default=10.0, help="max rotation, degrees")
@@ -198,6 +200,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--out must end in .pt (the service loads *.pt), got {args.out}")
     if not 0.0 <= args.label_smoothing < 1.0:
         raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    percentile_of(args)
 
 
 def build_model(args: argparse.Namespace, n_classes: int, in_channels: int, pretrained: str) -> Classifier:
@@ -496,6 +499,18 @@ def run(args: argparse.Namespace) -> TrainResult:
 
     if best_meta is None:
         best_meta, _ = load_checkpoint(out)  # resumed after the last improvement: the file is current
+    percentile = percentile_of(args)
+    if percentile is not None:
+        # The best epoch's model: statistics of its un-augmented training features, threshold on validation.
+        best_meta = add_ood_statistics(
+            out,
+            read_pixels([s.path for s in data.train], spec.intensity),
+            prepared.train_labels,
+            read_pixels([s.path for s in data.val], spec.intensity),
+            percentile=percentile,
+            device=device,
+            batch_size=args.batch_size * 2,
+        )
     seconds = time.perf_counter() - started
     best_epoch = best_meta.metrics.get("epoch")
     log.info("done in %.0f s; best checkpoint %s (epoch %s)", seconds, out, best_epoch)

@@ -31,6 +31,7 @@ from models.imageio import resolve_intensity
 from models.preprocessing import Preprocessing, fit_mask, prepare
 from models.unet import NORMS, UPSAMPLES, UNet
 from training.common.distributed import Dist, gather, init_distributed, sync_buffers
+from training.common.ood import add_ood_statistics, add_percentile_argument, percentile_of
 from training.common.options import add_device_argument, add_intensity_argument, json_args, parse_size
 from training.common.precision import mixed_precision
 from training.common.run import TrainResult, write_history
@@ -126,6 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (training is deterministic on CPU)")
     add_device_argument(parser)
+    add_percentile_argument(parser)
     parser.add_argument(
         "--resume", type=Path, default=None, help="continue from a .train-state file (or its .pt)"
     )
@@ -309,6 +311,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--samples-per-epoch must be >= 0")
     if not 0 <= args.ema < 1:
         raise ValueError("--ema must be in [0, 1) (0 turns it off)")
+    percentile_of(args)
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -516,6 +519,18 @@ def _run(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainRes
             if info.main:
                 log.warning("time limit of %.0f s reached after epoch %d; stopping", args.time_limit, epoch)
             break
+    percentile = percentile_of(args)
+    if info.main and percentile is not None and out.is_file():
+        # The best epoch's model: statistics of the training images' features, threshold on validation.
+        metadata = add_ood_statistics(
+            out,
+            data.train.images,
+            [0] * len(data.train),
+            data.val.images,
+            percentile=percentile,
+            device=device,
+            batch_size=max(args.batch_size, 4),
+        )
     elapsed = time.monotonic() - started
     if info.main:
         best_row = next(

@@ -1,0 +1,241 @@
+"""models.ood: Mahalanobis statistics, threshold, features from the forward pass, and their checkpoint storage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import mahalanobis
+from sklearn.covariance import LedoitWolf
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from models.checkpoint import (
+    Architecture,
+    CheckpointError,
+    CheckpointMetadata,
+    content_hash,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
+from models.inference import split_tiles
+from models.ood import (
+    RIDGE,
+    FeatureTap,
+    OODStatistics,
+    extract_features,
+    feature_layer,
+    fit_gaussian,
+    fit_statistics,
+    mahalanobis_scores,
+    window_count,
+)
+from models.preprocessing import Preprocessing
+from models.unet import UNet
+
+
+def clouds(seed: int = 0, n: int = 400, dim: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Two Gaussian classes (means 0 and 2 along the first axis, correlated noise) and their labels."""
+    rng = np.random.default_rng(seed)
+    mixing = np.eye(dim) + 0.3 * np.random.default_rng(99).normal(size=(dim, dim))
+    labels = np.repeat([0, 1], n // 2)
+    x = rng.normal(size=(n, dim)) @ mixing
+    x[:, 0] += 2.0 * labels
+    return x, labels
+
+
+def test_shifted_cloud_is_told_apart_and_threshold_is_the_percentile() -> None:
+    fit_x, fit_y = clouds(0)
+    calibration, _ = clouds(1)
+    stats = fit_statistics(fit_x, fit_y, ["a", "b"], calibration, features="test", percentile=95.0)
+    expected_threshold = np.percentile(stats.scores(calibration), 95.0)
+    assert stats.threshold == pytest.approx(expected_threshold, rel=1e-12)
+    assert stats.n_fit == 400 and stats.n_calibration == 400 and stats.calibrated_on == "validation images"
+
+    inside, _ = clouds(2)
+    outside = inside + 4.0  # the same cloud shifted in every feature
+    scores_in, scores_out = stats.scores(inside), stats.scores(outside)
+    auroc = roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(outside))], np.r_[scores_in, scores_out])
+    assert auroc > 0.99
+    flagged_in = float(np.mean(scores_in > stats.threshold))
+    assert 0.01 <= flagged_in <= 0.10  # about 5 % by design
+    assert np.mean(scores_out > stats.threshold) > 0.95
+
+    strict = fit_statistics(fit_x, fit_y, ["a", "b"], calibration, features="test", percentile=99.0)
+    assert strict.threshold == pytest.approx(np.percentile(strict.scores(calibration), 99.0))
+    assert strict.threshold > stats.threshold
+
+
+def test_score_is_the_smallest_mahalanobis_distance_under_the_shrunk_shared_covariance() -> None:
+    x, y = clouds(3, n=60, dim=8)
+    means, precision = fit_gaussian(x, y, 2)
+    np.testing.assert_allclose(means[0], x[y == 0].mean(axis=0))
+    np.testing.assert_allclose(means[1], x[y == 1].mean(axis=0))
+    covariance = LedoitWolf(assume_centered=True).fit(x - means[y]).covariance_
+    covariance += np.eye(8) * RIDGE * np.trace(covariance) / 8
+    np.testing.assert_allclose(precision, np.linalg.inv(covariance), rtol=1e-8)
+    probe = np.random.default_rng(4).normal(size=(5, 8))
+    expected = [min(mahalanobis(p, means[g], precision) for g in range(2)) for p in probe]
+    np.testing.assert_allclose(mahalanobis_scores(probe, means, precision), expected, rtol=1e-8)
+
+
+def test_more_features_than_images_and_a_single_image_still_fit() -> None:
+    x = np.random.default_rng(0).normal(size=(5, 64))
+    means, precision = fit_gaussian(x, [0] * 5, 1)
+    np.testing.assert_allclose(means[0], x.mean(axis=0))
+    assert np.all(np.isfinite(precision)) and precision.shape == (64, 64)
+    stats = fit_statistics(x[:1], [0], ["all"], None, features="test")
+    assert stats.calibrated_on == "training images (no validation set)"
+    assert np.isfinite(stats.threshold)
+
+
+def test_bad_percentile_and_group_labels_are_refused() -> None:
+    x, y = clouds(0, n=20, dim=4)
+    with pytest.raises(ValueError, match="percentile"):
+        fit_statistics(x, y, ["a", "b"], x, features="test", percentile=0.0)
+    with pytest.raises(ValueError, match="group"):
+        fit_gaussian(x, y + 1, 2)
+
+
+def sample_statistics(dim: int = 4, groups: tuple[str, ...] = ("a", "b")) -> OODStatistics:
+    x = np.random.default_rng(5).normal(size=(30, dim))
+    labels = [i % len(groups) for i in range(30)]
+    return fit_statistics(x, labels, list(groups), x[:10], features="test features")
+
+
+def tiny_unet_checkpoint(path: Path, ood: OODStatistics | None = None) -> CheckpointMetadata:
+    torch.manual_seed(0)
+    args: dict[str, Any] = {"in_channels": 1, "out_channels": 2, "channels": [4, 8]}
+    meta = CheckpointMetadata(
+        task="segmentation",
+        architecture=Architecture(name="unet", args=args),
+        classes=["background", "lesion"],
+        preprocessing=Preprocessing(in_channels=1, img_size=(16, 16)),
+        ood=ood,
+    )
+    return save_checkpoint(path, UNet(**args).eval(), meta)
+
+
+def test_checkpoint_round_trip_keeps_the_statistics_and_changes_the_version(tmp_path: Path) -> None:
+    stats = sample_statistics(dim=8, groups=("all",))
+    plain = tiny_unet_checkpoint(tmp_path / "plain.pt")
+    with_ood = tiny_unet_checkpoint(tmp_path / "ood.pt", stats)
+    assert plain.ood is None and with_ood.version != plain.version
+    meta, state = load_checkpoint(tmp_path / "ood.pt")
+    assert meta.ood is not None and meta.version == with_ood.version
+    torch.testing.assert_close(meta.ood.means, stats.means)
+    torch.testing.assert_close(meta.ood.precision, stats.precision)
+    assert meta.ood.summary() == stats.summary()
+    assert content_hash(state, meta) == meta.version  # the stored version is the hash of what was read
+    # Another threshold is another version.
+    other = tiny_unet_checkpoint(tmp_path / "other.pt", stats.model_copy(update={"threshold": 1.0}))
+    assert other.version not in (plain.version, with_ood.version)
+    # The tensors are stored beside the metadata, not as JSON text.
+    payload = torch.load(tmp_path / "ood.pt", weights_only=True)
+    assert set(payload["ood"]) == {"means", "precision"}
+    assert "means" not in json.loads(payload["metadata"])["ood"]
+
+
+def test_checkpoints_without_statistics_load_with_ood_none_and_hash_as_before(tmp_path: Path) -> None:
+    meta = tiny_unet_checkpoint(tmp_path / "plain.pt")
+    payload = torch.load(tmp_path / "plain.pt", weights_only=True)
+    stored = json.loads(payload["metadata"])
+    assert "ood" not in stored and "ood" not in payload  # the file is what MedServe wrote before
+    loaded, state = load_checkpoint(tmp_path / "plain.pt")
+    assert loaded.ood is None
+    # The version formula of files without statistics is unchanged: weights, then the metadata JSON.
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].contiguous()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    stored.pop("version")
+    digest.update(json.dumps(stored, sort_keys=True).encode())
+    assert digest.hexdigest()[:16] == meta.version
+
+
+def test_statistics_without_their_tensors_or_of_the_wrong_shape_are_refused(tmp_path: Path) -> None:
+    tiny_unet_checkpoint(tmp_path / "ood.pt", sample_statistics(dim=8, groups=("all",)))
+    payload = torch.load(tmp_path / "ood.pt", weights_only=True)
+    missing = dict(payload)
+    del missing["ood"]
+    torch.save(missing, tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="tensors"):
+        load_checkpoint(tmp_path / "missing.pt")
+    wrong = dict(payload, ood={"means": torch.zeros(1, 3, dtype=torch.float64), "precision": torch.eye(8)})
+    torch.save(wrong, tmp_path / "wrong.pt")
+    with pytest.raises(CheckpointError, match="shape"):
+        load_checkpoint(tmp_path / "wrong.pt")
+
+
+def test_feature_layers_of_the_built_in_networks() -> None:
+    unet = UNet(in_channels=1, out_channels=2, channels=[4, 8, 16])
+    found = feature_layer(unet)
+    assert found is not None and found[0] is unet.down[-1]
+    from models.classifier import Classifier
+
+    classifier = Classifier("resnet18", num_classes=2, in_channels=1)
+    found = feature_layer(classifier)
+    assert found is not None and found[0] is classifier.features
+    assert feature_layer(nn.Conv2d(1, 1, 1)) is None
+
+
+def test_the_tap_sees_the_forward_pass_of_its_own_thread_only_and_is_removed_after() -> None:
+    unet = UNet(in_channels=1, out_channels=2, channels=[4, 8]).eval()
+    x = torch.rand(3, 1, 16, 16)
+    with torch.inference_mode(), FeatureTap(unet.down[-1]) as tap:
+        unet(x)
+        other = threading.Thread(target=lambda: unet(torch.rand(5, 1, 16, 16)))
+        other.start()
+        other.join()
+    assert tap.features().shape == (3, 8)
+    with torch.inference_mode():
+        expected = unet.down[-1](unet.pool(unet.down[0](x))).mean(dim=(2, 3))
+        unet(x)  # after the block: not collected
+    torch.testing.assert_close(tap.features(), expected)
+
+
+def test_tiled_features_are_the_mean_over_an_images_windows() -> None:
+    unet = UNet(in_channels=1, out_channels=2, channels=[4, 8]).eval()
+    images = [torch.rand(1, 40, 24), torch.rand(1, 16, 16)]
+    features = extract_features(unet, images, tile=(16, 16), overlap=0.25, batch_size=3)
+    assert features.shape == (2, 8)
+    for image, row in zip(images, features, strict=True):
+        tiles, tiling = split_tiles(image, (16, 16), 0.25)
+        assert window_count(image, (16, 16), 0.25) == len(tiling.positions) == tiles.shape[0]
+        with torch.inference_mode():
+            pooled = unet.down[-1](unet.pool(unet.down[0](tiles))).mean(dim=(2, 3))
+        torch.testing.assert_close(row, pooled.mean(dim=0))
+
+
+def test_a_loaded_model_scores_like_the_statistics_it_was_saved_with(tmp_path: Path) -> None:
+    unet = UNet(in_channels=1, out_channels=2, channels=[4, 8]).eval()
+    fit = extract_features(unet, [torch.rand(1, 16, 16) for _ in range(12)], tile=(16, 16))
+    stats = fit_statistics(fit, [0] * 12, ["all"], fit[:4], features="bottleneck")
+    meta = CheckpointMetadata(
+        task="segmentation",
+        architecture=Architecture(
+            name="unet", args={"in_channels": 1, "out_channels": 2, "channels": [4, 8]}
+        ),
+        classes=["background", "lesion"],
+        preprocessing=Preprocessing(in_channels=1, img_size=(16, 16)),
+        ood=stats,
+    )
+    save_checkpoint(tmp_path / "m.pt", unet, meta)
+    model, loaded = load_model(tmp_path / "m.pt")
+    assert loaded.ood is not None
+    probe = [torch.rand(1, 16, 16)]
+    np.testing.assert_allclose(
+        loaded.ood.scores(extract_features(model, probe, tile=(16, 16))),
+        stats.scores(extract_features(unet, probe, tile=(16, 16))),
+        rtol=1e-6,
+    )
