@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import Architecture, CheckpointMetadata, save_checkpoint
+from models.ood import OODStatistics
 from models.preprocessing import Preprocessing
 from models.unet import UNet
 from tests.components import missing
@@ -71,7 +72,29 @@ def expected_labels(image: np.ndarray) -> np.ndarray:
     return np.digitize(image.astype(np.float64), THRESHOLDS).astype(np.uint8)
 
 
-def save_threshold_unet(path: Path, *, extra: dict[str, Any] | None = None) -> CheckpointMetadata:
+def ood_statistics(groups: Sequence[str], dim: int, threshold: float) -> OODStatistics:
+    """Out-of-distribution statistics whose verdict is known whatever the features: every score is a distance
+    (>= 0), so ``threshold=-1`` flags every image and a huge threshold none."""
+    return OODStatistics(
+        features="test statistics",
+        groups=list(groups),
+        dim=dim,
+        threshold=threshold,
+        percentile=95.0,
+        n_fit=1,
+        n_calibration=1,
+        means=torch.zeros(len(groups), dim, dtype=torch.float64),
+        precision=torch.eye(dim, dtype=torch.float64),
+    )
+
+
+FLAG_ALL = -1.0
+FLAG_NONE = 1e12
+
+
+def save_threshold_unet(
+    path: Path, *, extra: dict[str, Any] | None = None, ood_threshold: float | None = None
+) -> CheckpointMetadata:
     model = threshold_unet()
     args: dict[str, Any] = {
         "in_channels": 1,
@@ -86,22 +109,29 @@ def save_threshold_unet(path: Path, *, extra: dict[str, Any] | None = None) -> C
         preprocessing=Preprocessing(in_channels=1, img_size=(64, 64)),
         metrics={"dice": 1.0},
         extra=extra or {},
+        # The U-Net's OOD feature is its pooled bottleneck: 4 channels here.
+        ood=None if ood_threshold is None else ood_statistics(["all"], 4, ood_threshold),
     )
     return save_checkpoint(path, model, meta)
 
 
-def save_lesion_classifier(path: Path, *, seed: int = 0) -> CheckpointMetadata:
+def save_lesion_classifier(
+    path: Path, *, seed: int = 0, ood_threshold: float | None = None
+) -> CheckpointMetadata:
     """An untrained ResNet-18 lesion classifier (benign, malignant) on 64x64 grey images: its probabilities
     are arbitrary but well defined, which is all the page needs."""
     from models.classifier import Classifier
 
     torch.manual_seed(seed)
+    net_classes = ["benign", "malignant"]
     net = Classifier(backbone="resnet18", num_classes=2, in_channels=1, head="gap", pretrained="none")
     meta = CheckpointMetadata(
         task="classification",
         architecture=Architecture(name="classifier", args=net.architecture_args()),
-        classes=["benign", "malignant"],
+        classes=net_classes,
         preprocessing=Preprocessing(in_channels=1, img_size=(64, 64), resize="resize"),
+        # ResNet-18's pooled backbone features: 512.
+        ood=None if ood_threshold is None else ood_statistics(net_classes, 512, ood_threshold),
     )
     return save_checkpoint(path, net.eval(), meta)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from tests.deploy.helpers import Service
 from tests.models.test_dicom import make_dicom
 from tests.viewer.helpers import (
     ADMIN_KEY,
+    FLAG_ALL,
+    FLAG_NONE,
     KEY,
     THRESHOLD_CLASSES,
     chromium,
@@ -49,6 +52,10 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("viewer-models")
     save_threshold_unet(folder / "teeth.pt")
     save_lesion_classifier(folder / "lesion.pt")
+    # With out-of-distribution statistics whose verdict is known: every image flagged, or none.
+    save_lesion_classifier(folder / "lesion-ood.pt", ood_threshold=FLAG_ALL)
+    save_threshold_unet(folder / "teeth-ood.pt", ood_threshold=FLAG_ALL)
+    save_threshold_unet(folder / "teeth-ok.pt", ood_threshold=FLAG_NONE)
     return folder
 
 
@@ -381,6 +388,42 @@ def test_dropping_a_file_on_the_page_analyses_it(page: Any, service: Service) ->
     page.locator("#classification").wait_for()
     assert page.locator("#bars li").count() == 2
     assert "dragging" not in (page.locator("#dropzone").get_attribute("class") or "")
+
+
+# -- the out-of-distribution warning --------------------------------------------------------------------------
+
+
+def test_a_flagged_answer_shows_the_out_of_distribution_warning(
+    page: Any, service: Service, tmp_path: Path
+) -> None:
+    png = encode_image(render_lesion(np.random.default_rng(14), 64, malignant=True))
+    answer = httpx.post(
+        f"{service.url}/classify", params={"model": "lesion-ood"}, files={"file": ("l.png", png)}, timeout=60
+    ).json()["predictions"][0]
+    assert answer["ood"]["flagged"] is True
+    open_viewer(page, service)
+    page.get_by_label("Model", exact=True).select_option("lesion-ood")
+    upload(page, "lesion.png", "image/png", png)
+    warning = page.locator("#ood-warning")
+    warning.wait_for()
+    assert warning.get_attribute("role") == "alert"
+    text = warning.inner_text()
+    assert "Out of distribution" in text and "do not rely on it" in text
+    shown = re.search(r"score (\S+), threshold (\S+)\)", text)
+    assert shown, text
+    assert float(shown.group(1)) == pytest.approx(answer["ood"]["score"], rel=0.005)
+    assert float(shown.group(2)) == pytest.approx(answer["ood"]["threshold"], rel=0.005)
+    assert page.locator("#bars li").count() == 2  # the answer is still shown, under the warning
+    screenshot(page, tmp_path, "ood-warning")
+    assert_fits_the_window(page)
+
+    # Segmentation of the same file: flagged (the format=json answer says so), then by a model that does not
+    # flag it, and by one without statistics: the warning goes.
+    for model, flagged in (("teeth-ood", True), ("teeth-ok", False), ("teeth", False)):
+        page.get_by_label("Model", exact=True).select_option(model)
+        page.locator("#status", has_text=f"Answered by {model} (").wait_for()
+        assert page.locator("#segmentation").is_visible()
+        assert warning.is_visible() is flagged, model
 
 
 # -- errors and the API key -----------------------------------------------------------------------------------
