@@ -33,7 +33,7 @@ from torch import nn
 from models.checkpoint import CheckpointError, CheckpointMetadata
 from models.dicom_seg import safe_identifiers
 from models.imageio import DecodedImage, DicomRef, ImageError, read_image, resolve_intensity
-from models.inference import Precision, prepare_for_device
+from models.inference import Precision, forward, prepare_for_device
 
 OutputT = TypeVar("OutputT")
 RunnerT = TypeVar("RunnerT", bound="Runner[Any]")
@@ -231,6 +231,8 @@ class Runner(ABC, Generic[OutputT]):
         self.device = serving.device
         self.precision = serving.precision
         self.forward_batch_size = serving.forward_batch_size  # the batch-size tuning may lower it
+        # The runtime chosen at load (``app.runtimes``): (B, C, H, W) -> logits; None: PyTorch eager.
+        self.engine: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.check_metadata()
 
     @classmethod
@@ -279,6 +281,13 @@ class Runner(ABC, Generic[OutputT]):
         return model_input(
             upload, decoded, self.preprocess(decoded.pixels), keep_pixels=keep_pixels, keep_source=keep_source
         )
+
+    def forward_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """The network's logits (float32, CPU) for a normalised batch (B, C, H, W): on the runtime chosen at load
+        (``engine``), else PyTorch eager (``models.inference.forward``)."""
+        if self.engine is not None:
+            return self.engine(batch)
+        return forward(self.model, batch, self.device, self.precision)
 
     @abstractmethod
     def preprocess(self, pixels: np.ndarray) -> torch.Tensor:

@@ -21,6 +21,7 @@ from app.batching import Batcher
 from app.errors import ModelNotFound, ModelRequired, ModelUnavailable, NotReady, retry_after
 from app.logs import note_model
 from app.runners import Runner, load_runner
+from app.runtimes import RuntimeSelection, RuntimeSelectionError, select_runtime
 from app.settings import Settings
 from models.checkpoint import SUFFIX, CheckpointError
 from models.inference import Precision
@@ -63,6 +64,7 @@ class ModelHandle:
     batcher: Batcher[Any, Any] | None = None
     load_seconds: float | None = None
     batch_rates: dict[int, float] | None = None
+    runtime: RuntimeSelection | None = None
 
     @property
     def task(self) -> str | None:
@@ -80,6 +82,8 @@ class ModelHandle:
                 "chosen": self.batcher.max_batch_size if self.batcher is not None else None,
                 "images_per_second": {str(k): round(v, 3) for k, v in self.batch_rates.items()},
             }
+        if self.runtime is not None:
+            info["runtime"] = self.runtime.describe()
         if self.batcher is not None:
             info["stats"] = self.batcher.snapshot()
         return info
@@ -88,7 +92,7 @@ class ModelHandle:
 def _load_error(exc: Exception, path: Path) -> str:
     """The error shown in /models: the file name instead of the server's path, the cause in words."""
     message = str(exc).replace(str(path), path.name)
-    if isinstance(exc, CheckpointError):
+    if isinstance(exc, CheckpointError | RuntimeSelectionError):
         return message
     return f"{path.name}: cannot be served ({type(exc).__name__}: {message})"
 
@@ -167,6 +171,9 @@ class ModelRegistry:
             if self.model_threads:
                 # The thread count is per OS thread with OpenMP: set it in the model's own worker thread.
                 await batcher.call(torch.set_num_threads, self.model_threads)
+            handle.runtime = await select_runtime(
+                runner, batcher.call, settings, self.device, self._warm_up_sizes(), source=handle.path
+            )
             if settings.warmup:
                 handle.batch_rates = await self._warm_up(runner, batcher)
             batcher.start()
@@ -179,8 +186,10 @@ class ModelRegistry:
                 await batcher.stop()
             handle.status = "failed"
             handle.error = _load_error(exc, handle.path)
+            if isinstance(exc, RuntimeSelectionError):
+                handle.runtime = exc.selection  # the candidates tried, and why none can serve
             # A refused checkpoint is expected operation; anything else gets its traceback in the log.
-            trace = None if isinstance(exc, CheckpointError) else exc
+            trace = None if isinstance(exc, CheckpointError | RuntimeSelectionError) else exc
             logger.error("model %s failed to load: %s", handle.name, handle.error, exc_info=trace)
         else:
             handle.runner, handle.batcher, handle.status = runner, batcher, "ready"
@@ -192,6 +201,11 @@ class ModelRegistry:
                 self.device,
             )
         handle.load_seconds = round(time.perf_counter() - started, 3)
+
+    def _warm_up_sizes(self) -> list[int]:
+        """The batch sizes the warm-up runs (and the runtimes are timed at)."""
+        limit = self.settings.max_batch_size
+        return candidate_batch_sizes(limit) if self.settings.batch_autotune else sorted({1, limit})
 
     async def _warm_up(self, runner: Runner[Any], batcher: Batcher[Any, Any]) -> dict[int, float] | None:
         """Runs warm-up batches in the model's thread; with ``batch_autotune``, also picks the batch size.

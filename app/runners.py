@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from app.contract import ImageUpload, ModelInput, Runner, RunnerT, ServingOptions
 from models.checkpoint import CheckpointError, load_model
 from models.classifier import probabilities
-from models.inference import Precision, forward, merge_tiles, split_tiles
+from models.inference import Precision, merge_tiles, split_tiles
 from models.preprocessing import prepare, to_original_size
 
 __all__ = [
@@ -72,7 +72,7 @@ class SegmentationRunner(Runner[torch.Tensor]):
         outputs: list[torch.Tensor] = []
         for start in range(0, len(images), self.forward_batch_size):
             chunk = torch.stack(images[start : start + self.forward_batch_size])
-            logits = forward(self.model, chunk, self.device, self.precision)
+            logits = self.forward_logits(chunk)
             outputs.extend(torch.softmax(logits, dim=1).unbind(0))
         return outputs
 
@@ -94,7 +94,7 @@ class SegmentationRunner(Runner[torch.Tensor]):
         stacked = torch.cat(windows) if len(windows) > 1 else windows[0]
         logits = torch.cat(
             [
-                forward(self.model, chunk, self.device, self.precision)
+                self.forward_logits(chunk)
                 for chunk in stacked.split(self.forward_batch_size)
             ]
         )
@@ -177,7 +177,7 @@ class ClassificationRunner(Runner[np.ndarray]):
         outputs: list[np.ndarray] = []
         for start in range(0, len(inputs), self.forward_batch_size):
             chunk = torch.stack([item.image for item in inputs[start : start + self.forward_batch_size]])
-            logits = forward(self.model, chunk, self.device, self.precision)
+            logits = self.forward_logits(chunk)
             if logits.ndim != 2 or logits.shape[1] != len(self.classes):
                 raise RuntimeError(
                     f"classifier returned shape {tuple(logits.shape)}, expected (B, {len(self.classes)})"

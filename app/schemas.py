@@ -97,6 +97,11 @@ class ModelInfo(BaseModel):
         default=None,
         description="batching counters: batch sizes, queue depth, time in queue and in the model",
     )
+    runtime: dict[str, Any] | None = Field(
+        default=None,
+        description="MEDSERVE_RUNTIME: the runtime chosen per batch size, and every candidate's verification "
+        "against fp32 PyTorch and ms per batch (see docs/runtimes.md)",
+    )
 
 
 class ModelsResponse(BaseModel):
