@@ -412,3 +412,23 @@ def test_selection_describes_the_runtime_chosen_per_batch_size() -> None:
         "chosen": {"1": "torch", "16": "torch"},
         "serves": ["torch"],
     }
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the CUDA candidates")
+async def test_auto_on_cuda_verifies_pytorch_at_the_precision_and_the_cuda_providers(tmp_path: Path) -> None:
+    save_unet(tmp_path / "unet.pt")
+    config = settings(tmp_path, runtime="auto", device="cuda", precision="fp16", max_batch_size=4)
+    async with serve(config) as (_app, client):
+        models = (await client.get("/models")).json()["models"]
+    assert models[0]["status"] == "ready"
+    runtime = runtime_of(models, "unet")
+    names = [c["name"] for c in runtime["candidates"]]
+    assert names == ["torch", "torch-fp32", "onnxruntime-tensorrt", "onnxruntime-cuda"]
+    assert candidate(runtime, "torch-fp32")["status"] == "verified"
+    for name in ("onnxruntime-tensorrt", "onnxruntime-cuda"):
+        entry = candidate(runtime, name)
+        assert entry["status"] == "verified" or (
+            entry["status"] == "unavailable" and "onnxruntime-gpu" in entry["reason"]
+        ), entry
+    assert set(runtime["serves"]) <= {c["name"] for c in runtime["candidates"] if c["status"] == "verified"}
