@@ -386,9 +386,10 @@ def compare(runner: Runner[Any], reference: torch.Tensor, got: torch.Tensor) -> 
 
 
 def _timed(engine: Engine, batch: torch.Tensor) -> float:
-    started = time.perf_counter()
-    engine(batch)
-    return time.perf_counter() - started
+    with torch.inference_mode():
+        started = time.perf_counter()
+        engine(batch)
+        return time.perf_counter() - started
 
 
 def _build(candidate: Candidate) -> Engine:
@@ -441,14 +442,18 @@ async def select_runtime(
             break
         batch = verification_batch(runner, size)
         reference = await call(_run, reference_engine, batch)
-        rates = []
-        for candidate in alive:
-            rate = await _verify_and_time(runner, call, candidate, batch, reference)
-            if rate is not None:
-                rates.append(rate)
-        if not rates:
+        passed = [c for c in alive if await _verify(runner, call, c, batch, reference)]
+        if not passed:
             continue
-        best_here = max(rates)
+        # Timed in rounds, each candidate once per round: a load change on a shared machine then affects
+        # every candidate alike instead of whichever happened to be timed during it.
+        seconds: dict[str, list[float]] = {c.name: [] for c in passed}
+        for _ in range(TIMED_RUNS):
+            for candidate in passed:
+                seconds[candidate.name].append(await call(_timed, candidate.engine, batch))
+        for candidate in passed:
+            candidate.ms[size] = 1000 * min(seconds[candidate.name])
+        best_here = max(size / max(min(seconds[c.name]), 1e-9) for c in passed)
         if best_here < best_rate * STOP_FRACTION:
             break  # clearly slower than a smaller batch: the batch-size tuning will not go further either
         best_rate = max(best_rate, best_here)
@@ -496,10 +501,11 @@ async def _build_candidate(runner: Runner[Any], call: ModelCall, candidate: Cand
         candidate.artefact = candidate.export.describe()
 
 
-async def _verify_and_time(
+async def _verify(
     runner: Runner[Any], call: ModelCall, candidate: Candidate, batch: torch.Tensor, reference: torch.Tensor
-) -> float | None:
-    """Verifies ``candidate`` on ``batch`` and times it; images per second, or None when it was rejected."""
+) -> bool:
+    """Runs ``candidate`` on ``batch`` (untimed: it also builds its kernels for the size) and compares with
+    ``reference``; a candidate that fails is rejected for good."""
     assert candidate.engine is not None
     size = int(batch.shape[0])
     try:
@@ -531,17 +537,10 @@ async def _verify_and_time(
         candidate.status, candidate.engine = "rejected", None
         candidate.verification["passed"] = False
         logger.warning("model %s: runtime %s not used: %s", runner.name, candidate.name, candidate.reason)
-        return None
+        return False
     candidate.status = "verified"
     candidate.verification["passed"] = True
-    seconds = min([await call(_timed_in_inference, candidate.engine, batch) for _ in range(TIMED_RUNS)])
-    candidate.ms[size] = 1000 * seconds
-    return size / max(seconds, 1e-9)
-
-
-def _timed_in_inference(engine: Engine, batch: torch.Tensor) -> float:
-    with torch.inference_mode():
-        return _timed(engine, batch)
+    return True
 
 
 def _install(runner: Runner[Any], selection: RuntimeSelection, device: torch.device) -> None:
