@@ -177,6 +177,15 @@ def apache_bench(
     base = ["ab", "-k", "-q", "-s", "600", "-p", str(body), "-T", content_type, "-c", str(concurrency)]
     subprocess.run([*base, "-n", str(concurrency), url], check=True, capture_output=True)
     out = subprocess.run([*base, "-n", str(requests), url], check=True, capture_output=True, text=True).stdout
+    return {"requests": requests, **parse_ab(out)}
+
+
+def parse_ab(out: str) -> dict[str, float]:
+    """Throughput, p50 / p95 (whole ms) and keep-alive count from ab's report.
+
+    Raises:
+        RuntimeError: requests failed (connection errors, exceptions, non-2xx statuses), or a figure is missing.
+    """
     # ab counts an answer whose length differs from the first one's as failed ("Length"): probabilities of
     # other digits are no failure. Connection errors, exceptions and non-2xx statuses are.
     broken = re.search(r"\(Connect: (\d+), Receive: (\d+), Length: \d+, Exceptions: (\d+)\)", out)
@@ -184,7 +193,6 @@ def apache_bench(
     if non_2xx or (broken and any(int(n) for n in broken.groups())):
         raise RuntimeError(f"ab: requests failed\n{out}")
     return {
-        "requests": requests,
         "throughput": float(_field(out, r"Requests per second:\s+([\d.]+)")),
         "p50_ms": float(_field(out, r"^\s+50%\s+(\d+)")),
         "p95_ms": float(_field(out, r"^\s+95%\s+(\d+)")),
