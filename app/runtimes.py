@@ -57,9 +57,10 @@ PROBABILITY_ATOL = 1e-3
 LOGITS_ATOL = 1e-4
 LOGITS_RTOL = 1e-3
 TIMED_RUNS = 2
-# As the batch-size tuning (app.registry): larger batches stop being timed once the best runtime's throughput
-# at a size falls below this fraction of the best so far.
+# Larger batches stop being timed once the best runtime's throughput falls below this fraction of the best so
+# far at STOP_PATIENCE sizes in a row (one slow size can be a moment's load on a shared machine).
 STOP_FRACTION = 0.9
+STOP_PATIENCE = 2
 CACHE_DIR_NAME = ".medserve-cache"
 
 Status = Literal["pending", "unavailable", "rejected", "verified"]
@@ -435,6 +436,7 @@ async def select_runtime(
         await _build_candidate(runner, call, candidate)
     reference_engine = torch_engine(getattr(runner.model, "_orig_mod", runner.model), device, "fp32")
     best_rate = 0.0
+    slower = 0
     timed_sizes = sizes if settings.warmup else sizes[:1]
     for size in timed_sizes:
         alive = [c for c in candidates if c.status == "pending" or c.status == "verified"]
@@ -454,8 +456,9 @@ async def select_runtime(
         for candidate in passed:
             candidate.ms[size] = 1000 * min(seconds[candidate.name])
         best_here = max(size / max(min(seconds[c.name]), 1e-9) for c in passed)
-        if best_here < best_rate * STOP_FRACTION:
-            break  # clearly slower than a smaller batch: the batch-size tuning will not go further either
+        slower = slower + 1 if best_here < best_rate * STOP_FRACTION else 0
+        if slower >= STOP_PATIENCE:
+            break  # clearly slower than a smaller batch, twice: larger batches will not pay either
         best_rate = max(best_rate, best_here)
     verified = [c for c in candidates if c.status == "verified"]
     for candidate in candidates:
