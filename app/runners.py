@@ -92,12 +92,7 @@ class SegmentationRunner(Runner[torch.Tensor]):
             windows.append(tiles)
             tilings.append(tiling)
         stacked = torch.cat(windows) if len(windows) > 1 else windows[0]
-        logits = torch.cat(
-            [
-                self.forward_logits(chunk)
-                for chunk in stacked.split(self.forward_batch_size)
-            ]
-        )
+        logits = torch.cat([self.forward_logits(chunk) for chunk in stacked.split(self.forward_batch_size)])
         outputs = []
         offset = 0
         for tiling in tilings:
