@@ -23,6 +23,7 @@ from models.runtimes import (
     torch_engine,
 )
 from models.unet import UNet
+from tests.components import require_module
 
 ARGS: dict[str, Any] = {"in_channels": 1, "out_channels": 3, "channels": [4, 8]}
 
@@ -74,6 +75,7 @@ def test_every_engine_gives_the_pytorch_logits_at_any_batch_size(
     elif kind == "onnxruntime":
         engine = onnxruntime_engine(exported, threads=1)
     else:
+        require_module("openvino", "pip install 'medserve[openvino]'")
         engine = openvino_engine(exported, threads=1, input_shape=(1, 32, 32))
     for size in (1, 3, 5):
         x = batch(size)
@@ -83,6 +85,7 @@ def test_every_engine_gives_the_pytorch_logits_at_any_batch_size(
 
 
 def test_openvino_output_is_not_overwritten_by_the_next_call(exported: Path) -> None:
+    require_module("openvino", "pip install 'medserve[openvino]'")
     engine = openvino_engine(exported, threads=1, input_shape=(1, 32, 32))
     first = engine(batch(2))
     kept = first.clone()
