@@ -212,6 +212,21 @@ class Settings(BaseSettings):
         "inference)",
     )
 
+    # -- inference runtimes: the fastest verified runtime per model (app/runtimes.py, docs/runtimes.md) --
+    runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        default="auto",
+        description="auto: at load, build PyTorch eager (both memory layouts), ONNX Runtime and OpenVINO (when "
+        "installed; CUDA: PyTorch at PRECISION and ONNX Runtime's CUDA/TensorRT providers), verify each against "
+        "fp32 PyTorch and serve the fastest per batch size; torch: PyTorch eager only; onnxruntime/openvino: "
+        "that runtime only (a model it cannot serve fails to load)",
+    )
+    runtime_cache: Path | None = Field(
+        default=None,
+        description="directory of built runtime artefacts (ONNX exports, OpenVINO blobs), by model version; "
+        "unset: MODEL_DIR/.medserve-cache, or $XDG_CACHE_HOME/medserve/runtimes when the model directory is "
+        "read-only",
+    )
+
     @property
     def max_batch_delay_s(self) -> float:
         return self.max_batch_delay_ms / 1000.0
