@@ -215,6 +215,9 @@ async def test_the_documented_security_is_what_is_enforced(model_dir: Path) -> N
                     else:
                         assert "401" not in operation["responses"] and response.status_code != 401, path
         expected = {"/segment", "/segment/interactive", "/classify", "/models"}
+        # The PACS endpoints (app.pacs): STOW-RS and the jobs API need the key like the others.
+        expected |= {"/dicomweb/studies", "/dicomweb/studies/{study_instance_uid}", "/jobs", "/jobs/{job_id}"}
+        expected.add("/jobs/{job_id}/retry")
         if overrides:
             expected.add("/problems/{slug}")
         else:
