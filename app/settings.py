@@ -153,7 +153,7 @@ class Settings(BaseSettings):
     )
     results_dir: Path | None = Field(
         default=None,
-        description="write results into this folder (when no archive is configured; default: SPOOL_DIR/results-out)",
+        description="write results into this folder, not the archive (with neither: SPOOL_DIR/results-out)",
     )
     pacs_url: str | None = Field(
         default=None, description="the archive's DICOMweb root, e.g. http://orthanc:8042/dicom-web"
