@@ -268,6 +268,8 @@ class Runner(ABC, Generic[OutputT]):
                     f"for {type(model).__name__}"
                 )
             self.ood_layer = found[0]
+        # The runtime chosen at load (``app.runtimes``): (B, C, H, W) -> logits; None: PyTorch eager.
+        self.engine: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.check_metadata()
 
     @classmethod
@@ -317,6 +319,13 @@ class Runner(ABC, Generic[OutputT]):
             upload, decoded, self.preprocess(decoded.pixels), keep_pixels=keep_pixels, keep_source=keep_source
         )
 
+    def forward_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """The network's logits (float32, CPU) for a normalised batch (B, C, H, W): on the runtime chosen at load
+        (``engine``), else PyTorch eager (``models.inference.forward``)."""
+        if self.engine is not None:
+            return self.engine(batch)
+        return forward(self.model, batch, self.device, self.precision)
+
     @abstractmethod
     def preprocess(self, pixels: np.ndarray) -> torch.Tensor:
         """Decoded (H, W, C) pixels in [0, 1] -> the model's normalised input (C, H', W')."""
@@ -346,11 +355,12 @@ class Runner(ABC, Generic[OutputT]):
         return ModelInput(torch.zeros(self.spec.in_channels, h, w), h, w)
 
     def network_outputs(self, images: list[torch.Tensor]) -> list[np.ndarray]:
-        """The network's raw outputs (float32 numpy, one per image) for same-sized normalised inputs."""
+        """The network's raw outputs (float32 numpy, one per image) for same-sized normalised inputs, on the
+        runtime chosen at load (``forward_logits``)."""
         outputs: list[np.ndarray] = []
         for start in range(0, len(images), self.forward_batch_size):
             chunk = torch.stack(images[start : start + self.forward_batch_size])
-            outputs.extend(row.numpy() for row in forward(self.model, chunk, self.device, self.precision))
+            outputs.extend(row.numpy() for row in self.forward_logits(chunk))
         return outputs
 
     def predict_assessed(self, inputs: list[ModelInput]) -> list[OutputT]:

@@ -38,6 +38,7 @@ from app.errors import (
 from app.logs import note_model
 from app.memory import release_freed_memory
 from app.runners import Runner, load_runner
+from app.runtimes import RuntimeSelection, RuntimeSelectionError, select_runtime
 from app.settings import Settings
 from models.checkpoint import SUFFIX, CheckpointError
 from models.inference import Precision
@@ -89,6 +90,7 @@ class ModelVersion:
     batch_rates: dict[int, float] | None = None
     loaded_at: float = field(default_factory=time.time)
     state: VersionState = "serving"
+    runtime: RuntimeSelection | None = None
 
     @property
     def version(self) -> str:
@@ -151,6 +153,8 @@ class ModelHandle:
     reloading: bool = False
     signature: FileSignature | None = None
     digest: str | None = None
+    # The runtimes tried when the last load failed for want of one that can serve (app.runtimes).
+    failed_runtime: RuntimeSelection | None = None
 
     @property
     def current(self) -> ModelVersion | None:
@@ -202,6 +206,11 @@ class ModelHandle:
                 "chosen": current.batcher.max_batch_size,
                 "images_per_second": {str(k): round(v, 3) for k, v in current.batch_rates.items()},
             }
+        runtime = current.runtime if current is not None else self.failed_runtime
+        if self.failed_runtime is not None and self.error is not None:
+            runtime = self.failed_runtime
+        if runtime is not None:
+            info["runtime"] = runtime.describe()
         if current is not None:
             info["stats"] = current.batcher.snapshot()
         info["versions"] = [v.describe() for v in self.versions]
@@ -239,7 +248,7 @@ class ReloadReport:
 def _load_error(exc: Exception, path: Path) -> str:
     """The error shown in /models: the file name instead of the server's path, the cause in words."""
     message = str(exc).replace(str(path), path.name)
-    if isinstance(exc, CheckpointError):
+    if isinstance(exc, CheckpointError | RuntimeSelectionError):
         return message
     return f"{path.name}: cannot be served ({type(exc).__name__}: {message})"
 
@@ -405,6 +414,9 @@ class ModelRegistry:
             if self.model_threads:
                 # The thread count is per OS thread with OpenMP: set it in the model's own worker thread.
                 await batcher.call(torch.set_num_threads, self.model_threads)
+            runtime = await select_runtime(
+                runner, batcher.call, settings, self.device, self._warm_up_sizes(), source=handle.path
+            )
             batch_rates = await self._warm_up(runner, batcher) if settings.warmup else None
             batcher.start()
         except asyncio.CancelledError:
@@ -421,8 +433,10 @@ class ModelRegistry:
             if serving is None:
                 handle.status = "failed"
                 handle.load_seconds = round(time.perf_counter() - started, 3)
+            if isinstance(exc, RuntimeSelectionError):
+                handle.failed_runtime = exc.selection  # the candidates tried, and why none can serve
             # A refused checkpoint is expected operation; anything else gets its traceback in the log.
-            trace = None if isinstance(exc, CheckpointError) else exc
+            trace = None if isinstance(exc, CheckpointError | RuntimeSelectionError) else exc
             if serving is None:
                 logger.error("model %s failed to load: %s", handle.name, handle.error, exc_info=trace)
             else:
@@ -436,8 +450,14 @@ class ModelRegistry:
                 )
             return False
         handle.reloading = False
+        handle.failed_runtime = None
         version = ModelVersion(
-            handle.name, runner, batcher, round(time.perf_counter() - started, 3), batch_rates
+            handle.name,
+            runner,
+            batcher,
+            round(time.perf_counter() - started, 3),
+            batch_rates,
+            runtime=runtime,
         )
         self._install(handle, version)
         logger.info(
@@ -496,6 +516,11 @@ class ModelRegistry:
             logger.warning("model %s: version %s is still referenced after it stopped", name, number)
         await asyncio.to_thread(release_freed_memory, self.device)
         logger.info("model %s: version %s drained and stopped", name, number)
+
+    def _warm_up_sizes(self) -> list[int]:
+        """The batch sizes the warm-up runs (and the runtimes are timed at)."""
+        limit = self.settings.max_batch_size
+        return candidate_batch_sizes(limit) if self.settings.batch_autotune else sorted({1, limit})
 
     async def _warm_up(self, runner: Runner[Any], batcher: Batcher[Any, Any]) -> dict[int, float] | None:
         """Runs warm-up batches in the model's thread; with ``batch_autotune``, also picks the batch size.

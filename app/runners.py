@@ -32,7 +32,7 @@ from app.contract import ImageUpload, ModelInput, Runner, RunnerT, ServingOption
 from models.checkpoint import CheckpointError, load_model
 from models.classifier import probabilities
 from models.explain import TargetLayer, gradcam_layer
-from models.inference import Precision, forward, merge_tiles, split_tiles
+from models.inference import Precision, merge_tiles, split_tiles
 from models.ood import window_count
 from models.preprocessing import prepare, to_original_size
 
@@ -74,7 +74,7 @@ class SegmentationRunner(Runner[torch.Tensor]):
         outputs: list[torch.Tensor] = []
         for start in range(0, len(images), self.forward_batch_size):
             chunk = torch.stack(images[start : start + self.forward_batch_size])
-            logits = forward(self.model, chunk, self.device, self.precision)
+            logits = self.forward_logits(chunk)
             outputs.extend(torch.softmax(logits, dim=1).unbind(0))
         return outputs
 
@@ -94,12 +94,7 @@ class SegmentationRunner(Runner[torch.Tensor]):
             windows.append(tiles)
             tilings.append(tiling)
         stacked = torch.cat(windows) if len(windows) > 1 else windows[0]
-        logits = torch.cat(
-            [
-                forward(self.model, chunk, self.device, self.precision)
-                for chunk in stacked.split(self.forward_batch_size)
-            ]
-        )
+        logits = torch.cat([self.forward_logits(chunk) for chunk in stacked.split(self.forward_batch_size)])
         outputs = []
         offset = 0
         for tiling in tilings:
@@ -188,7 +183,7 @@ class ClassificationRunner(Runner[np.ndarray]):
         outputs: list[np.ndarray] = []
         for start in range(0, len(inputs), self.forward_batch_size):
             chunk = torch.stack([item.image for item in inputs[start : start + self.forward_batch_size]])
-            logits = forward(self.model, chunk, self.device, self.precision)
+            logits = self.forward_logits(chunk)
             if logits.ndim != 2 or logits.shape[1] != len(self.classes):
                 raise RuntimeError(
                     f"classifier returned shape {tuple(logits.shape)}, expected (B, {len(self.classes)})"

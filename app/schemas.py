@@ -161,6 +161,11 @@ class ModelInfo(BaseModel):
         description="out-of-distribution statistics: threshold, percentile, features, images fitted and "
         "calibrated on; null when the model has none (answers then carry ood null)",
     )
+    runtime: dict[str, Any] | None = Field(
+        default=None,
+        description="MEDSERVE_RUNTIME: the runtime chosen per batch size, and every candidate's verification "
+        "against fp32 PyTorch and ms per batch (see docs/runtimes.md)",
+    )
 
 
 class ModelsResponse(BaseModel):

@@ -153,7 +153,7 @@ class Settings(BaseSettings):
     )
     results_dir: Path | None = Field(
         default=None,
-        description="write results into this folder (when no archive is configured; default: SPOOL_DIR/results-out)",
+        description="write results into this folder, not the archive (with neither: SPOOL_DIR/results-out)",
     )
     pacs_url: str | None = Field(
         default=None, description="the archive's DICOMweb root, e.g. http://orthanc:8042/dicom-web"
@@ -210,6 +210,21 @@ class Settings(BaseSettings):
         le=256,
         description="PyTorch threads of each model's explanation worker (it runs at a lower CPU priority than "
         "inference)",
+    )
+
+    # -- inference runtimes: the fastest verified runtime per model (app/runtimes.py, docs/runtimes.md) --
+    runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        default="auto",
+        description="auto: at load, build PyTorch eager (both memory layouts), ONNX Runtime and OpenVINO (when "
+        "installed; CUDA: PyTorch at PRECISION and ONNX Runtime's CUDA/TensorRT providers), verify each against "
+        "fp32 PyTorch and serve the fastest per batch size; torch: PyTorch eager only; onnxruntime/openvino: "
+        "that runtime only (a model it cannot serve fails to load)",
+    )
+    runtime_cache: Path | None = Field(
+        default=None,
+        description="directory of built runtime artefacts (ONNX exports, OpenVINO blobs), by model version; "
+        "unset: MODEL_DIR/.medserve-cache, or $XDG_CACHE_HOME/medserve/runtimes when the model directory is "
+        "read-only",
     )
 
     @property

@@ -188,8 +188,8 @@ def export_model(
         out: the file to write (e.g. ``lung.onnx``, or ``model.pt`` for Triton's PyTorch backend).
         fmt: ``"onnx"`` or ``"torchscript"``.
         opset: ONNX opset; ``None`` takes the exporter's default.
-        verify: run the exported file and compare with PyTorch (ONNX needs ``onnxruntime``; without it the
-            check is skipped with a warning and recorded as skipped).
+        verify: run the exported file and compare with PyTorch (ONNX with ONNX Runtime, a MedServe
+            dependency: an installation without it fails the export instead of skipping the check).
         atol: absolute tolerance on logits.
         rtol: relative tolerance on logits.
         source: the checkpoint file, recorded in the JSON.
@@ -248,7 +248,7 @@ def export_model(
             _export_torchscript(module, inputs[0], staged, embedded)
             run = _torchscript_runner(staged) if verify else None
         export_info["verification"] = _verify(run, inputs, references, atol, rtol, verify)
-        export_info["sha256"] = _sha256(staged)
+        export_info["sha256"] = file_sha256(staged)
         sidecar = _sidecar(metadata, export_info)
         (Path(tmp) / (out.name + ".json")).write_text(json.dumps(sidecar, indent=2) + "\n")
         # Move the file(s) into place only after they passed the check.
@@ -368,11 +368,13 @@ def _export_torchscript(
 Runner = Callable[[np.ndarray], np.ndarray]
 
 
-def _onnx_runner(path: Path) -> Runner | None:
+def _onnx_runner(path: Path) -> Runner:
     try:
         import onnxruntime as ort
-    except ImportError:
-        return None
+    except ImportError as exc:  # a MedServe dependency: only a broken installation lacks it
+        raise ExportError(
+            f"checking the ONNX export needs onnxruntime, a MedServe dependency ({exc})"
+        ) from exc
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -404,8 +406,7 @@ def _verify(
     if not requested:
         return {"checked": False, "reason": "verification disabled"}
     if run is None:
-        warnings.warn("onnxruntime is not installed: the ONNX export was not checked", stacklevel=3)
-        return {"checked": False, "reason": "onnxruntime not installed"}
+        raise ExportError("no runtime to check the export with")
     worst = 0.0
     for x, expected in zip(inputs, references, strict=True):
         try:
@@ -427,7 +428,8 @@ def _verify(
     return {"checked": True, "shapes": shapes, "max_abs_diff": worst, "atol": atol, "rtol": rtol}
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, hex (as recorded in the export JSON)."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

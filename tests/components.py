@@ -44,3 +44,13 @@ def require_program(name: str, package: str, *extra_dirs: str) -> str:
     if path is None:
         missing(name, f"not installed (Debian package {package!r})")
     return path
+
+
+def require_module(name: str, install: str) -> None:
+    """Skips (fails under ``CI=true``) a test that needs the Python package ``name``; ``install`` says how."""
+    import importlib
+
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        missing(name, f"the Python package is not installed ({install})")

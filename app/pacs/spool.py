@@ -84,8 +84,11 @@ class Spool:
     def result_path(self, job_id: int) -> Path:
         return self.results / f"{int(job_id)}.dcm"
 
-    def write_instance(self, sop_instance_uid: str, data: bytes) -> Path:
+    def write_instance(self, sop_instance_uid: str, data: bytes, *, sync_folder: bool = True) -> Path:
         """Writes a received instance durably (replacing an earlier copy of the same UID atomically).
+
+        ``sync_folder=False`` leaves the folder's fsync to the caller (``sync_instances``, once for several
+        files): the rename is durable only after it.
 
         Raises:
             SpoolFull: over ``max_bytes`` or the disk is full; nothing was written.
@@ -104,7 +107,7 @@ class Spool:
             # Counted before the write so that concurrent writers cannot overshoot the limit together.
             self._used += size - previous
         try:
-            self._write(target, data)
+            self._write(target, data, sync_folder=sync_folder)
         except BaseException:
             with self._lock:
                 self._used -= size - previous
@@ -121,7 +124,11 @@ class Spool:
         self._write(target, data)
         return target
 
-    def _write(self, target: Path, data: bytes) -> None:
+    def sync_instances(self) -> None:
+        """Makes the renames of ``write_instance(..., sync_folder=False)`` durable (fsync of the folder)."""
+        _fsync_folder(self.instances)
+
+    def _write(self, target: Path, data: bytes, *, sync_folder: bool = True) -> None:
         temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}{_TEMPORARY_SUFFIX}")
         try:
             with open(temporary, "wb") as handle:
@@ -129,7 +136,8 @@ class Spool:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, target)
-            _fsync_folder(target.parent)
+            if sync_folder:
+                _fsync_folder(target.parent)
         except OSError as exc:
             temporary.unlink(missing_ok=True)
             if exc.errno in _DISK_FULL:

@@ -283,59 +283,66 @@ class JobStore:
 
     def record(self, instance: InstanceRecord, new_jobs: Sequence[NewJob]) -> Recorded:
         """Records an instance (or finds it: same SOP Instance UID) and makes the jobs it lacks, atomically."""
+        return self.record_many([(instance, new_jobs)])[0]
+
+    def record_many(self, entries: Sequence[tuple[InstanceRecord, Sequence[NewJob]]]) -> list[Recorded]:
+        """``record`` for several instances in one transaction (one commit: one flush to disk for a request)."""
         now = self.clock()
         with self._begin() as db:
-            inserted = db.execute(
-                self._insert(instances)
-                .values(
+            return [self._record(db, instance, new_jobs, now) for instance, new_jobs in entries]
+
+    def _record(
+        self, db: Connection, instance: InstanceRecord, new_jobs: Sequence[NewJob], now: float
+    ) -> Recorded:
+        inserted = db.execute(
+            self._insert(instances)
+            .values(
+                sop_instance_uid=instance.sop_instance_uid,
+                study_instance_uid=instance.study_instance_uid,
+                series_instance_uid=instance.series_instance_uid,
+                sop_class_uid=instance.sop_class_uid,
+                transfer_syntax_uid=instance.transfer_syntax_uid,
+                spool_path=instance.spool_path,
+                size_bytes=instance.size_bytes,
+                source=instance.source,
+                received_at=now,
+            )
+            .returning(instances.c.id)
+        )
+        row = db.execute(
+            select(instances.c.id, instances.c.spool_path).where(
+                instances.c.sop_instance_uid == instance.sop_instance_uid
+            )
+        ).one()
+        known = inserted.first() is None  # RETURNING gives no row when the instance was there
+        if known and row.spool_path is None:
+            # Sent again after its file was deleted: the new copy serves retries.
+            db.execute(
+                update(instances).where(instances.c.id == row.id).values(spool_path=instance.spool_path)
+            )
+        before = db.execute(select(func.count()).where(jobs.c.instance_id == row.id)).scalar_one()
+        for job in new_jobs:
+            finished = now if job.state in TERMINAL else None
+            db.execute(
+                self._insert(jobs).values(
+                    instance_id=row.id,
                     sop_instance_uid=instance.sop_instance_uid,
                     study_instance_uid=instance.study_instance_uid,
                     series_instance_uid=instance.series_instance_uid,
-                    sop_class_uid=instance.sop_class_uid,
-                    transfer_syntax_uid=instance.transfer_syntax_uid,
-                    spool_path=instance.spool_path,
-                    size_bytes=instance.size_bytes,
-                    source=instance.source,
-                    received_at=now,
+                    model=job.model,
+                    model_version=job.model_version,
+                    task=job.task,
+                    state=job.state,
+                    reason=job.reason,
+                    attempts=0,
+                    runs=0,
+                    created_at=now,
+                    finished_at=finished,
                 )
-                .returning(instances.c.id)
             )
-            row = db.execute(
-                select(instances.c.id, instances.c.spool_path).where(
-                    instances.c.sop_instance_uid == instance.sop_instance_uid
-                )
-            ).one()
-            known = inserted.first() is None  # RETURNING gives no row when the instance was there
-            if known and row.spool_path is None:
-                # Sent again after its file was deleted: the new copy serves retries.
-                db.execute(
-                    update(instances).where(instances.c.id == row.id).values(spool_path=instance.spool_path)
-                )
-            before = db.execute(select(func.count()).where(jobs.c.instance_id == row.id)).scalar_one()
-            for job in new_jobs:
-                finished = now if job.state in TERMINAL else None
-                db.execute(
-                    self._insert(jobs).values(
-                        instance_id=row.id,
-                        sop_instance_uid=instance.sop_instance_uid,
-                        study_instance_uid=instance.study_instance_uid,
-                        series_instance_uid=instance.series_instance_uid,
-                        model=job.model,
-                        model_version=job.model_version,
-                        task=job.task,
-                        state=job.state,
-                        reason=job.reason,
-                        attempts=0,
-                        runs=0,
-                        created_at=now,
-                        finished_at=finished,
-                    )
-                )
-            ids = list(
-                db.execute(
-                    select(jobs.c.id).where(jobs.c.instance_id == row.id).order_by(jobs.c.id)
-                ).scalars()
-            )
+        ids = list(
+            db.execute(select(jobs.c.id).where(jobs.c.instance_id == row.id).order_by(jobs.c.id)).scalars()
+        )
         return Recorded(row.id, ids, known, len(ids) - before)
 
     # -- workers --------------------------------------------------------------------------------------------

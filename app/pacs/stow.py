@@ -1,9 +1,9 @@
 """DICOMweb STOW-RS (PS3.18 10.5): ``POST /dicomweb/studies`` and ``POST /dicomweb/studies/{StudyInstanceUID}``.
 
 The body is ``multipart/related; type="application/dicom"``, one DICOM Part 10 instance per part. It is parsed
-as it streams in (python-multipart's ``MultipartParser``), and each part goes to the intake
-(``Intake.accept_bytes``: checked, spooled durably and recorded with its jobs) before the next is read, so the
-response is sent only once every accepted instance is safe on disk and in the job store.
+as it streams in (python-multipart's ``MultipartParser``); then all parts go to the intake together (``Intake.accept_many``:
+each checked and spooled durably, then one flush of the spool folder and one database transaction records them
+with their jobs), so the response is sent only once every accepted instance is safe on disk and in the store.
 
 The response is ``application/dicom+json`` (pydicom's ``Dataset.to_json_dict``): ``ReferencedSOPSequence``
 (0008,1199) lists the accepted instances (ReferencedSOPClassUID, ReferencedSOPInstanceUID),
@@ -165,25 +165,31 @@ def stow_response(results: list[AcceptResult]) -> Response:
 
 async def store_instances(request: Request, study_instance_uid: str | None) -> Response:
     pacs = pacs_of(request)
-    results: list[AcceptResult] = []
+    parts: list[tuple[bytes, str]] = []
 
     async def on_part(data: bytes, content_type: str) -> None:
-        declared = content_type.split(";")[0].strip().lower()
-        if declared and declared not in (DICOM, "application/octet-stream"):
-            results.append(
-                AcceptResult(False, failure_reason=0xC000, detail=f"a {declared} part is not DICOM")
-            )
-            return
-        try:
-            results.append(
-                await pacs.intake.accept_bytes_async(data, "stow", study_instance_uid=study_instance_uid)
-            )
-        except IntakeUnavailable as exc:
-            raise NotReady(str(exc), headers=retry_after(5)) from exc
+        parts.append((data, content_type.split(";")[0].strip().lower()))
 
     count = await read_parts(request, on_part)
     if count == 0:
         raise BadRequest("the multipart/related body holds no instance")
+    results: list[AcceptResult] = [
+        AcceptResult(False, failure_reason=0xC000, detail=f"a {declared} part is not DICOM")
+        for _, declared in parts
+    ]
+    dicom = [
+        i for i, (_, declared) in enumerate(parts) if declared in ("", DICOM, "application/octet-stream")
+    ]
+    for _ in range(len(parts) - len(dicom)):
+        pacs.metrics.observe_received("stow", "refused")
+    try:  # all parts in one go: one flush of the spool folder and one database commit for the request
+        accepted = await pacs.intake.accept_many_async(
+            [parts[i][0] for i in dicom], "stow", study_instance_uid=study_instance_uid
+        )
+    except IntakeUnavailable as exc:
+        raise NotReady(str(exc), headers=retry_after(5)) from exc
+    for index, result in zip(dicom, accepted, strict=True):
+        results[index] = result
     if not any(r.accepted for r in results) and any(r.failure_reason == OUT_OF_RESOURCES for r in results):
         raise SpoolFullProblem(
             "the spool has no room for these instances (MEDSERVE_SPOOL_DIR / MEDSERVE_SPOOL_MAX_BYTES); "

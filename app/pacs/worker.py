@@ -127,17 +127,16 @@ def stamp_uids(part10: bytes, series_instance_uid: str, sop_instance_uid: str) -
 
 
 def select_sink(settings: Settings, spool: Spool) -> ResultSink:
-    """The result sink of the settings: ``MEDSERVE_RESULTS_DIR`` (a ``FolderSink``), else a folder in the
-    spool (``SPOOL_DIR/results-out``).
-
-    The archive sinks of ``app.pacs.delivery`` take precedence: C-STORE to ``MEDSERVE_DIMSE_DESTINATION``, else
-    STOW-RS to ``MEDSERVE_PACS_URL``.
+    """The result sink of the settings, first that applies: a ``FolderSink`` on ``MEDSERVE_RESULTS_DIR`` when it
+    is set (results kept in a folder, say for review, although ``PACS_URL`` names the archive studies are pulled
+    from); the archive sinks of ``app.pacs.delivery`` (C-STORE to ``MEDSERVE_DIMSE_DESTINATION``, else STOW-RS
+    to ``MEDSERVE_PACS_URL``); else a folder in the spool (``SPOOL_DIR/results-out``).
     """
+    if settings.results_dir is not None:
+        return FolderSink(settings.results_dir)
     archive = delivery_from_settings(settings)
     if archive is not None:
         return archive
-    if settings.results_dir is not None:
-        return FolderSink(settings.results_dir)
     return FolderSink(spool.root / "results-out")
 
 

@@ -227,12 +227,15 @@ def decode_png(data: bytes) -> np.ndarray:
 
 def settings(model_dir: Path, **overrides: Any) -> Settings:
     """Service settings for tests: small thread pool, short delays unless a test says otherwise."""
-    # Batch-size tuning off: tests need MAX_BATCH_SIZE as given, whatever the machine's timings.
+    # Batch-size tuning off: tests need MAX_BATCH_SIZE as given, whatever the machine's timings. PyTorch eager
+    # only (no ONNX export per test model, no extra forward passes at load): tests/app/test_runtimes.py runs
+    # the other runtimes.
     values: dict[str, Any] = {
         "model_dir": model_dir,
         "decode_workers": 2,
         "max_batch_delay_ms": 20.0,
         "batch_autotune": False,
+        "runtime": "torch",
     }
     values.update(overrides)
     return Settings(**values)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -207,3 +208,23 @@ def test_status_meanings() -> None:
     assert stow_failure_meaning(0xC123).startswith("the study instance UID")
     assert stow_failure_meaning(0xC0FF) == "cannot understand"
     assert stow_failure_meaning(None) == "unknown"
+
+
+def test_the_worker_sink_is_the_folder_then_the_archive(tmp_path: Path) -> None:
+    from app.pacs.results import FolderSink
+    from app.pacs.spool import Spool
+    from app.pacs.worker import select_sink
+
+    spool = Spool(tmp_path / "spool")
+    default = select_sink(Settings(), spool)
+    assert isinstance(default, FolderSink) and default.folder == spool.root / "results-out"
+    stow = select_sink(Settings(pacs_url="http://pacs:8042/dicom-web"), spool)
+    assert isinstance(stow, StowDelivery)
+    cstore = select_sink(
+        Settings(pacs_url="http://pacs:8042/dicom-web", dimse_destination="PACS@pacs:104"), spool
+    )
+    assert isinstance(cstore, CStoreDelivery)
+    folder = select_sink(
+        Settings(pacs_url="http://pacs:8042/dicom-web", results_dir=tmp_path / "review"), spool
+    )
+    assert isinstance(folder, FolderSink) and folder.folder == tmp_path / "review"

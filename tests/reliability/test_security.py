@@ -225,6 +225,9 @@ async def test_the_documented_security_is_what_is_enforced(model_dir: Path) -> N
             "/v2/models/{name}/versions/{version}/ready",
             "/v2/models/{name}/versions/{version}/infer",
         }
+        # The PACS endpoints (app.pacs): STOW-RS and the jobs API need the key like the others.
+        expected |= {"/dicomweb/studies", "/dicomweb/studies/{study_instance_uid}", "/jobs", "/jobs/{job_id}"}
+        expected.add("/jobs/{job_id}/retry")
         if overrides:
             expected.add("/problems/{slug}")
         else:

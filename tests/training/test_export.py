@@ -191,3 +191,22 @@ def test_cli_rejects_an_unknown_format(unet_checkpoint: Path, tmp_path: Path) ->
             ["export", "--model", str(unet_checkpoint), "--format", "tflite", "--out", str(tmp_path / "x")]
         )
     assert exc.value.code == 2
+
+
+def test_an_onnx_export_is_always_checked_and_fails_without_onnxruntime(
+    unet_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ONNX Runtime is a dependency: an installation without it cannot check, so it cannot export (no file is
+    left), instead of writing an unchecked file with a warning."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    model, meta = load_model(unet_checkpoint)
+    with pytest.raises(ExportError, match="needs onnxruntime, a MedServe dependency"):
+        export_model(model, meta, tmp_path / "unchecked.onnx", "onnx")
+    assert list(tmp_path.iterdir()) == []
+    code = cli_main(
+        ["export", "--model", str(unet_checkpoint), "--format", "onnx", "--out", str(tmp_path / "x.onnx")]
+    )
+    assert code == 1
+    assert not (tmp_path / "x.onnx").exists()
