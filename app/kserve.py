@@ -38,6 +38,7 @@ from app.registry import ModelRegistry, ModelVersion
 from app.routes import RegistryDep, first_failure_raised, until_disconnected
 from app.schemas import problem_responses
 from models import __version__
+from models.classifier import probabilities
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
 
@@ -245,13 +246,6 @@ def requested_outputs(request: InferRequest, available: Sequence[str]) -> list[t
     return chosen
 
 
-def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    scaled = logits / temperature
-    scaled = scaled - scaled.max(axis=-1, keepdims=True)
-    exp = np.exp(scaled)
-    return exp / exp.sum(axis=-1, keepdims=True)
-
-
 def infer_response(
     served: ModelVersion,
     request_id: str | None,
@@ -369,7 +363,8 @@ async def _infer(request: Request, registry: ModelRegistry, name: str, version: 
         logits = np.stack(first_failure_raised(await until_disconnected(request, submitted)))
     tensors = {LOGITS: logits}
     if runner.task == "classification":
-        tensors[PROBABILITIES] = softmax(logits, float(getattr(runner, "temperature", 1.0)))
+        temperature = float(getattr(runner, "temperature", 1.0))
+        tensors[PROBABILITIES] = probabilities(torch.from_numpy(logits), temperature).numpy()
     return infer_response(served, infer.id, tensors, outputs)
 
 
