@@ -631,6 +631,21 @@ class JobStore:
             )
         return int(result.rowcount) == 1
 
+    def forget_spools(self, entries: Sequence[tuple[int, str]]) -> int:
+        """``forget_spool`` for several (instance id, path) in one transaction; returns how many it marked."""
+        if not entries:
+            return 0
+        marked = 0
+        with self._begin() as db:
+            for instance_id, path in entries:
+                result = db.execute(
+                    update(instances)
+                    .where(instances.c.id == instance_id, instances.c.spool_path == path)
+                    .values(spool_path=None)
+                )
+                marked += int(result.rowcount)
+        return marked
+
     def results_to_delete(self, limit: int = 500) -> list[tuple[int, str]]:
         """Finished jobs that still name a spooled result file: (job id, path)."""
         query = (
@@ -646,6 +661,17 @@ class JobStore:
             db.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.state.in_(list(TERMINAL)))
+                .values(result_path=None)
+            )
+
+    def forget_results(self, job_ids: Sequence[int]) -> None:
+        """``forget_result`` for several jobs in one transaction."""
+        if not job_ids:
+            return
+        with self._begin() as db:
+            db.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(list(job_ids)), jobs.c.state.in_(list(TERMINAL)))
                 .values(result_path=None)
             )
 
