@@ -119,12 +119,16 @@ class ResponseOptions:
             whose probability ``/segment?format=probability`` draws; None: the first class after the background.
         explain: ``gradcam``: each classification gains an explanation map (``app.explain``); None: none.
         explain_target: the class explained; None: each image's predicted label.
+        series_instance_uid / sop_instance_uid: the UIDs a DICOM result (``dicom-seg``, ``dicom-sr``) gets; None:
+            new random ones (the HTTP endpoints). PACS jobs pass their deterministic ones (``models.dicom_uids``).
     """
 
     top_k: int | None = None
     foreground_class: str | None = None
     explain: str | None = None
     explain_target: str | None = None
+    series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
 
 
 @dataclass

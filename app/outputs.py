@@ -315,6 +315,8 @@ def encode_dicom_seg(
             algorithm_name=runner.name,
             algorithm_version=runner.version,
             series_description=f"MedServe {runner.name} segmentation",
+            series_instance_uid=options.series_instance_uid,
+            sop_instance_uid=options.sop_instance_uid,
         )
     except DicomSegError as exc:
         raise UnprocessableImageError(str(exc)) from exc
@@ -381,6 +383,8 @@ def encode_dicom_sr(
             model_name=runner.name,
             model_version=runner.version,
             series_description=f"MedServe {runner.name} classification",
+            series_instance_uid=options.series_instance_uid,
+            sop_instance_uid=options.sop_instance_uid,
         )
     except DicomSrError as exc:
         raise UnprocessableImageError(str(exc)) from exc

@@ -143,23 +143,40 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def batch_counts(base: str) -> tuple[int, int]:
+    """(batches, requests) the service's batchers ran so far (``GET /models``)."""
+    with httpx.Client(timeout=30.0) as client:
+        models = client.get(f"{base}/models").json()["models"]
+    stats = [model.get("stats") or {} for model in models]
+    return sum(s.get("batches", 0) for s in stats), sum(s.get("requests", 0) for s in stats)
+
+
 class CpuMeter:
-    """CPU seconds the service and Orthanc spend between ``start()`` and ``stop()``, per instance."""
+    """CPU seconds the service and Orthanc spend between ``start()`` and ``stop()``, per instance, and the
+    mean size of the model batches run meanwhile."""
 
     def __init__(self, service: Service, orthanc: Orthanc) -> None:
         assert orthanc.process is not None
+        self.base = service.base
         self.pids = {"service": service.pid, "orthanc": orthanc.process.pid}
         self.before: dict[str, float] = {}
+        self.batches_before = (0, 0)
 
     def start(self) -> CpuMeter:
         self.before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.batches_before = batch_counts(self.base)
         return self
 
     def per_instance(self, instances: int) -> dict[str, float]:
-        return {
+        figures = {
             f"{name}_cpu_ms_per_instance": 1000.0 * (cpu_seconds(pid) - self.before[name]) / instances
             for name, pid in self.pids.items()
         }
+        batches, requests = batch_counts(self.base)
+        batches -= self.batches_before[0]
+        requests -= self.batches_before[1]
+        figures["mean_batch_size"] = requests / batches if batches else 0.0
+        return figures
 
 
 # ---- watching Orthanc ---------------------------------------------------------------------------------------------
@@ -394,18 +411,20 @@ def print_table(report: dict[str, Any]) -> None:
     print(
         f"\nPACS throughput ({report['instances']} instances of {report['size']}x{report['size']}, model {report['model']})"
     )
-    print(f"{'path':<28}{'in/s':>9}{'jobs/s':>9}{'p50 s':>9}{'p95 s':>9}{'cpu ms':>9}{'orthanc':>9}")
+    print(
+        f"{'path':<28}{'in/s':>9}{'jobs/s':>9}{'p50 s':>9}{'p95 s':>9}{'cpu ms':>9}{'orthanc':>9}{'batch':>7}"
+    )
     for row in report["http"]:
         print(
             f"{row['endpoint']:<28}{row['images_per_s']:>9.2f}{'':>9}{row['latency_p50_s']:>9.3f}"
             f"{row['latency_p95_s']:>9.3f}{row['service_cpu_ms_per_instance']:>9.1f}"
-            f"{row['orthanc_cpu_ms_per_instance']:>9.1f}"
+            f"{row['orthanc_cpu_ms_per_instance']:>9.1f}{row['mean_batch_size']:>7.1f}"
         )
     for row in report["jobs"]:
         print(
             f"{row['path'] + ' -> Orthanc':<28}{row['accepted_per_s']:>9.2f}{row['jobs_per_s']:>9.2f}"
             f"{row['latency_p50_s']:>9.3f}{row['latency_p95_s']:>9.3f}{row['service_cpu_ms_per_instance']:>9.1f}"
-            f"{row['orthanc_cpu_ms_per_instance']:>9.1f}"
+            f"{row['orthanc_cpu_ms_per_instance']:>9.1f}{row['mean_batch_size']:>7.1f}"
         )
     big = report["stow_50"]
     print(

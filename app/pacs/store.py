@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -242,7 +243,9 @@ class JobStore:
             self.engine: Engine = create_engine(self.url, **kwargs)
         except Exception as exc:  # an unknown driver, a bad option
             raise StoreError(f"cannot open the job store {safe_url(url)}: {type(exc).__name__}") from exc
+        self._writer: threading.Lock | None = None
         if self.dialect == "sqlite":
+            self._writer = threading.Lock()
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
         self._create_tables(url)
@@ -266,7 +269,14 @@ class JobStore:
 
     @contextlib.contextmanager
     def _begin(self) -> Iterator[Connection]:
-        with self.engine.begin() as connection:
+        if self._writer is None:
+            with self.engine.begin() as connection:
+                yield connection
+            return
+        # SQLite: one transaction of this process at a time, queued on a lock. Left to SQLite, a BEGIN IMMEDIATE
+        # that finds another thread's transaction open sleeps in its busy handler (1, 2, 5, 10, ... ms), long
+        # after the other one committed: under load the job path spent most of its store time there.
+        with self._writer, self.engine.begin() as connection:
             yield connection
 
     def _insert(self, table: Table) -> Any:
@@ -631,6 +641,21 @@ class JobStore:
             )
         return int(result.rowcount) == 1
 
+    def forget_spools(self, entries: Sequence[tuple[int, str]]) -> int:
+        """``forget_spool`` for several (instance id, path) in one transaction; returns how many it marked."""
+        if not entries:
+            return 0
+        marked = 0
+        with self._begin() as db:
+            for instance_id, path in entries:
+                result = db.execute(
+                    update(instances)
+                    .where(instances.c.id == instance_id, instances.c.spool_path == path)
+                    .values(spool_path=None)
+                )
+                marked += int(result.rowcount)
+        return marked
+
     def results_to_delete(self, limit: int = 500) -> list[tuple[int, str]]:
         """Finished jobs that still name a spooled result file: (job id, path)."""
         query = (
@@ -646,6 +671,17 @@ class JobStore:
             db.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.state.in_(list(TERMINAL)))
+                .values(result_path=None)
+            )
+
+    def forget_results(self, job_ids: Sequence[int]) -> None:
+        """``forget_result`` for several jobs in one transaction."""
+        if not job_ids:
+            return
+        with self._begin() as db:
+            db.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(list(job_ids)), jobs.c.state.in_(list(TERMINAL)))
                 .values(result_path=None)
             )
 

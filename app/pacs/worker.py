@@ -7,7 +7,8 @@ this process serves (``JobStore.claim``) and runs each as a task:
    ``decode`` as ``/segment``, keeping the source DICOM), checked by the result's output format, submitted to
    the model's batcher in its low-priority lane (``Batcher.submit_background``: interactive requests go
    first), and the result object written by that output format (``dicom-seg`` for segmentation; ``dicom-sr``
-   for classification once that format is registered), with the deterministic UIDs of ``models.dicom_uids``.
+   for classification once that format is registered), written once with the deterministic UIDs of
+   ``models.dicom_uids`` (passed to the writer in ``ResponseOptions``).
    The result is spooled (``running`` -> ``delivering``).
 2. deliver: one attempt through the ``ResultSink``; ``done`` when it lands, ``failed`` when the archive refuses
    it (no retry), else another attempt after a capped exponential backoff with jitter, at most
@@ -24,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import io
 import logging
 import os
 import socket
@@ -35,9 +35,6 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-
-import pydicom
-from pydicom.uid import UID
 
 from app.batching import BatcherClosedError, InferenceError
 from app.contract import ImageUpload, OutputFormat, Prediction, ResponseOptions, Runner
@@ -74,6 +71,7 @@ RESULT_FORMATS: dict[str, tuple[str, str]] = {
 RESULT_SOP_CLASSES = {SEG: "1.2.840.10008.5.1.4.1.1.66.4", SR: "1.2.840.10008.5.1.4.1.1.88.34"}
 IDLE_POLL_S = 1.0  # how often an idle worker looks for jobs other processes queued or retries that fell due
 CLEANUP_EVERY_S = 5.0
+CLAIM_COALESCE_S = 0.25  # how long a claim for fewer than a chunk of places waits while jobs are in hand
 
 
 def result_format(task: str) -> tuple[OutputFormat[Any], str] | None:
@@ -109,21 +107,6 @@ class RegistryCatalog:
                 )
             )
         return choices
-
-
-def stamp_uids(part10: bytes, series_instance_uid: str, sop_instance_uid: str) -> tuple[bytes, str]:
-    """The result object with its deterministic Series and SOP Instance UIDs, and its SOP class.
-
-    (Until ``build_dicom_seg``/the SR writer take the UIDs as arguments, they are set here, in the three places
-    a Part 10 object holds them.)
-    """
-    dataset = pydicom.dcmread(io.BytesIO(part10))
-    dataset.SeriesInstanceUID = series_instance_uid
-    dataset.SOPInstanceUID = sop_instance_uid
-    dataset.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue(), str(dataset.SOPClassUID)
 
 
 def select_sink(settings: Settings, spool: Spool) -> ResultSink:
@@ -183,6 +166,9 @@ class JobWorker:
         self._stopping = False
         self._last_cleanup = 0.0
         self._cleanup_due = True
+        self._claim_chunk = max(1, settings.jobs_concurrency // 8)
+        self._last_claim = 0.0
+        self._claim_timer: asyncio.TimerHandle | None = None
 
     # -- life cycle -----------------------------------------------------------------------------------------
 
@@ -237,7 +223,15 @@ class JobWorker:
             ready = self._ready()
             free = self.settings.jobs_concurrency - len(self._tasks)
             claimed: list[Claimed] = []
-            if ready and free > 0:
+            # Cleared before the claim: a wake-up that comes while it runs is not lost (else it waits a poll).
+            self._wake.clear()
+            # With jobs in hand and few places free, claims wait (CLAIM_COALESCE_S at most) for more places, so
+            # that one transaction takes several jobs rather than one per finished job.
+            since_claim = time.monotonic() - self._last_claim
+            if ready and 0 < free < self._claim_chunk and self._tasks and since_claim < CLAIM_COALESCE_S:
+                self._claim_later(CLAIM_COALESCE_S - since_claim)
+            elif ready and free > 0:
+                self._last_claim = time.monotonic()
                 try:
                     versions = {name: h.runner.version for name, h in ready.items() if h.runner is not None}
                     claimed = await asyncio.to_thread(self.store.claim, self.owner, versions, free, lease_s)
@@ -252,14 +246,24 @@ class JobWorker:
                 last_beat = time.monotonic()
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(self.store.heartbeat, self.owner, lease_s)
-            if self._cleanup_due or time.monotonic() - self._last_cleanup > CLEANUP_EVERY_S:
+            # Clean-up after finished jobs once the worker is idle or every CLEANUP_EVERY_S, not after each job:
+            # under load it would cost two queries and two commits per job on the claim loop's path.
+            since = time.monotonic() - self._last_cleanup
+            if (self._cleanup_due and not self._tasks) or since > CLEANUP_EVERY_S:
                 await self._cleanup()
             if claimed and len(self._tasks) < self.settings.jobs_concurrency:
                 continue  # there may be more
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(IDLE_POLL_S, lease_s / 3)):
                     await self._wake.wait()
+
+    def _claim_later(self, delay_s: float) -> None:
+        if self._loop is not None and (self._claim_timer is None or self._claim_timer.cancelled()):
+            self._claim_timer = self._loop.call_later(delay_s, self._claim_due)
+
+    def _claim_due(self) -> None:
+        self._claim_timer = None
+        self._wake.set()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -273,14 +277,21 @@ class JobWorker:
         self._last_cleanup = time.monotonic()
         cutoff = time.time() - self.settings.spool_retention_s
         try:
-            for instance_id, path in await asyncio.to_thread(self.store.finished_spool, cutoff):
-                await asyncio.to_thread(self.spool.delete, path)
-                await asyncio.to_thread(self.store.forget_spool, instance_id, path)
-            for job_id, path in await asyncio.to_thread(self.store.results_to_delete):
-                await asyncio.to_thread(self.spool.delete, path)
-                await asyncio.to_thread(self.store.forget_result, job_id)
+            await asyncio.to_thread(self._clean_up, cutoff)
         except Exception:
             logger.exception("spool clean-up failed; retrying later")
+
+    def _clean_up(self, cutoff: float) -> None:
+        # One thread hop and one transaction per kind for everything due (a file is deleted before the store
+        # forgets it: a crash in between leaves a record whose file is gone, which the next pass forgets).
+        spooled = self.store.finished_spool(cutoff)
+        for _, path in spooled:
+            self.spool.delete(path)
+        self.store.forget_spools(spooled)
+        results = self.store.results_to_delete()
+        for _, path in results:
+            self.spool.delete(path)
+        self.store.forget_results([job_id for job_id, _ in results])
 
     # -- one job --------------------------------------------------------------------------------------------
 
@@ -345,14 +356,17 @@ class JobWorker:
         except BatcherClosedError:
             return None  # shutting down: the job goes back to the queue
         self.stats.ran += 1
+        series_uid = result_series_uid(job.series_instance_uid, job.model, job.model_version, kind)
+        sop_uid = result_instance_uid(job.sop_instance_uid, job.model_version, kind)
+        # The writers take the deterministic UIDs: the object is written once, with them.
+        options = ResponseOptions(series_instance_uid=series_uid, sop_instance_uid=sop_uid)
         try:
-            part10 = await self._in_pool(self._encode, runner, output_format, Prediction(item, output))
+            part10 = await self._in_pool(
+                self._encode, runner, output_format, Prediction(item, output), options
+            )
         except ImageError as exc:
             await self._fail(job, f"cannot write the {kind.upper()} result: {exc}")
             return None
-        series_uid = result_series_uid(job.series_instance_uid, job.model, job.model_version, kind)
-        sop_uid = result_instance_uid(job.sop_instance_uid, job.model_version, kind)
-        part10, sop_class = await self._in_pool(stamp_uids, part10, series_uid, sop_uid)
         path = await asyncio.to_thread(self.spool.write_result, job.id, part10)
         if not await asyncio.to_thread(self.store.result_ready, job.id, self.owner, str(path), sop_uid, kind):
             logger.info("job %d was cancelled or taken over while running; its result is dropped", job.id)
@@ -364,14 +378,19 @@ class JobWorker:
             study_instance_uid=job.study_instance_uid,
             series_instance_uid=series_uid,
             sop_instance_uid=sop_uid,
-            sop_class_uid=sop_class,
+            sop_class_uid=RESULT_SOP_CLASSES[kind],
             job_id=job.id,
             model=job.model,
         )
 
     @staticmethod
-    def _encode(runner: Runner[Any], output_format: OutputFormat[Any], prediction: Prediction[Any]) -> bytes:
-        return runner.encode([prediction], output_format, ResponseOptions()).body
+    def _encode(
+        runner: Runner[Any],
+        output_format: OutputFormat[Any],
+        prediction: Prediction[Any],
+        options: ResponseOptions,
+    ) -> bytes:
+        return runner.encode([prediction], output_format, options).body
 
     async def _spooled_result(self, job: Claimed) -> ResultObject | None:
         """The result of a job claimed for delivery (a retry, or a job whose process died while sending it)."""

@@ -4,12 +4,14 @@ validated, decoded for and documented without touching the routes; the runner co
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
 import torch
 
@@ -34,6 +36,8 @@ from tests.app.helpers import (
     serve,
     settings,
 )
+from tests.app.pacs.helpers import instance
+from tests.models.test_dicom import to_bytes
 
 pytestmark = pytest.mark.anyio
 
@@ -224,3 +228,30 @@ def test_decode_keeps_what_the_format_needs_for_every_task(tmp_path: Path) -> No
     assert "a png image" in str(refused.value) and "format=png, overlay, json or probability" in str(
         refused.value
     )
+
+
+def test_the_dicom_result_formats_write_the_uids_the_options_give(tmp_path: Path) -> None:
+    """PACS jobs pass their deterministic UIDs in ResponseOptions; without them the writers make new ones."""
+    save_pixel_model(tmp_path / "pixel.pt")
+    save_mean_classifier(tmp_path / "mean.pt")
+    source = instance(1)
+    upload = ImageUpload(to_bytes(source), "application/dicom")
+    for name, format_name in (("pixel", "dicom-seg"), ("mean", "dicom-sr")):
+        runner = load_runner(
+            name, tmp_path / f"{name}.pt", device=torch.device("cpu"), precision="fp32", forward_batch_size=2
+        )
+        output_format = output_formats(runner.task)[format_name]
+        item = runner.decode(
+            upload, max_pixels=None, keep_pixels=output_format.needs_pixels, keep_source=True
+        )
+        (output,) = runner.predict([item])
+        prediction = Prediction(item, output)
+        given = ResponseOptions(series_instance_uid="2.25.11", sop_instance_uid="2.25.22")
+        written = pydicom.dcmread(io.BytesIO(runner.encode([prediction], output_format, given).body))
+        assert (written.SeriesInstanceUID, written.SOPInstanceUID) == ("2.25.11", "2.25.22")
+        assert written.file_meta.MediaStorageSOPInstanceUID == "2.25.22"
+        fresh = pydicom.dcmread(
+            io.BytesIO(runner.encode([prediction], output_format, ResponseOptions()).body)
+        )
+        assert fresh.SOPInstanceUID not in ("2.25.22", source.SOPInstanceUID)
+        assert fresh.SeriesInstanceUID not in ("2.25.11", source.SeriesInstanceUID)

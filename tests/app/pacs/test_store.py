@@ -118,3 +118,23 @@ def test_jobs_of_other_models_or_versions_are_left_alone(store: JobStore) -> Non
     store.record(record("5.1"), [NewJob("m", "v0", "segmentation"), NewJob("x", "v1", "segmentation")])
     assert store.claim("a", MODELS, 10, lease_s=60) == []
     assert [job.model for job in store.claim("a", {"x": "v1"}, 10, lease_s=60)] == ["x"]
+
+
+def test_spool_clean_up_forgets_many_files_in_one_call_but_not_a_respooled_one(store: JobStore) -> None:
+    ids = [store.record(record(f"6.{i}"), [NewJob("m", "v1", "segmentation")]).job_ids[0] for i in range(3)]
+    claimed = store.claim("a", MODELS, 10, lease_s=60)
+    assert sorted(job.id for job in claimed) == sorted(ids)
+    for job_id in ids:
+        assert store.result_ready(job_id, "a", f"/r/{job_id}.dcm", f"9.{job_id}", "seg")
+        assert store.delivered(job_id, "a", 1)
+    spooled = store.finished_spool(time.time() + 1)
+    assert sorted(path for _, path in spooled) == ["/s/6.0", "/s/6.1", "/s/6.2"]
+    first, *others = spooled
+    # one of them was spooled again meanwhile (another path): its record is kept
+    assert store.forget_spools([(first[0], "/s/elsewhere"), *others]) == 2
+    assert store.finished_spool(time.time() + 1) == [first]
+    assert sorted(path for _, path in store.results_to_delete()) == [f"/r/{i}.dcm" for i in sorted(ids)]
+    store.forget_results(ids[:2])
+    assert store.results_to_delete() == [(ids[2], f"/r/{ids[2]}.dcm")]
+    store.forget_results([])
+    assert store.forget_spools([]) == 0
