@@ -34,7 +34,7 @@ from models.checkpoint import CheckpointError, CheckpointMetadata
 from models.dicom_seg import safe_identifiers
 from models.imageio import DecodedImage, DicomRef, ImageError, read_image, resolve_intensity
 from models.inference import Precision, forward, prepare_for_device
-from models.ood import FeatureTap, OODAssessment, OODStatistics, feature_layer, per_image
+from models.ood import FeatureSource, FeatureTap, OODAssessment, OODStatistics, feature_source, per_image
 
 OutputT = TypeVar("OutputT")
 RunnerT = TypeVar("RunnerT", bound="Runner[Any]")
@@ -263,15 +263,14 @@ class Runner(ABC, Generic[OutputT]):
         self.precision = serving.precision
         self.forward_batch_size = serving.forward_batch_size  # the batch-size tuning may lower it
         self.ood: OODStatistics | None = metadata.ood
-        self.ood_layer: nn.Module | None = None
+        self.ood_source: FeatureSource | None = None
         if self.ood is not None:
-            found = feature_layer(model)
-            if found is None:
+            try:
+                self.ood_source = feature_source(model, self.ood)
+            except ValueError as exc:
                 raise CheckpointError(
-                    f"{name}: the checkpoint has out-of-distribution statistics but no feature layer is known "
-                    f"for {type(model).__name__}"
-                )
-            self.ood_layer = found[0]
+                    f"{name}: the checkpoint has out-of-distribution statistics but {exc}"
+                ) from exc
         # The runtime chosen at load (``app.runtimes``): (B, C, H, W) -> logits; None: PyTorch eager.
         self.engine: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.check_metadata()
@@ -370,9 +369,9 @@ class Runner(ABC, Generic[OutputT]):
     def predict_assessed(self, inputs: list[ModelInput]) -> list[OutputT]:
         """``predict``; with OOD statistics, the feature layer's output is collected during its forward passes
         (no second pass) and each input's ``ood`` is set."""
-        if self.ood_layer is None:
+        if self.ood_source is None:
             return self.predict(inputs)
-        with FeatureTap(self.ood_layer) as tap:
+        with FeatureTap(self.ood_source.modules, self.ood_source.pooling) as tap:
             outputs = self.predict(inputs)
         self.assess_ood(inputs, tap.features())
         return outputs

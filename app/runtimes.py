@@ -422,7 +422,7 @@ async def select_runtime(
     setting = settings.runtime
     if setting == "torch":
         return RuntimeSelection(setting, dict.fromkeys(sizes, "torch"))
-    if runner.ood_layer is not None:
+    if runner.ood_source is not None:
         # The out-of-distribution features are read by a forward hook on the PyTorch module (models.ood):
         # another runtime would answer without them.
         note = "the model has out-of-distribution statistics, read from PyTorch's forward pass: PyTorch eager serves"

@@ -16,7 +16,13 @@ from torch import nn
 
 from models.checkpoint import Architecture, CheckpointMetadata, save_checkpoint
 from models.imageio import read_image
-from models.ood import OODStatistics, extract_features, fit_statistics
+from models.ood import (
+    OODStatistics,
+    default_feature_source,
+    extract_blocks,
+    extract_features,
+    fit_statistics,
+)
 from models.preprocessing import Preprocessing, prepare
 from models.registry import register_architecture
 from models.unet import UNet
@@ -235,8 +241,20 @@ async def test_a_tiled_unet_scores_as_calibration_computes_it(tmp_path: Path) ->
     spec = Preprocessing(img_size=(16, 16), **SPEC)
     rng = np.random.default_rng(0)
     fit_images = [torch.from_numpy(rng.random((1, 16, 16), dtype=np.float32)) for _ in range(20)]
-    fit = extract_features(unet, fit_images, tile=spec.img_size)
-    stats = fit_statistics(fit, [0] * 20, ["all"], fit[:5], features="bottleneck")
+    source = default_feature_source(unet)
+    assert source is not None and source.names == ("down.0", "down.1") and source.pooling == "mean+std"
+    fit = extract_blocks(unet, fit_images, source=source, tile=spec.img_size)
+    stats = fit_statistics(
+        fit.values,
+        [0] * 20,
+        ["all"],
+        fit.values[:5],
+        features=source.description,
+        blocks=fit.widths,
+        layers=source.names,
+        pooling=source.pooling,
+    )
+    assert stats.blocks == [4, 4, 8, 8]
     meta = CheckpointMetadata(
         task="segmentation",
         architecture=Architecture(name="unet", args=args),

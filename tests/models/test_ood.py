@@ -30,8 +30,12 @@ from models.ood import (
     RIDGE,
     FeatureTap,
     OODStatistics,
+    conformal_threshold,
+    default_feature_source,
+    extract_blocks,
     extract_features,
     feature_layer,
+    feature_source,
     fit_gaussian,
     fit_statistics,
     mahalanobis_scores,
@@ -55,8 +59,10 @@ def test_shifted_cloud_is_told_apart_and_threshold_is_the_percentile() -> None:
     fit_x, fit_y = clouds(0)
     calibration, _ = clouds(1)
     stats = fit_statistics(fit_x, fit_y, ["a", "b"], calibration, features="test", percentile=95.0)
-    expected_threshold = np.percentile(stats.scores(calibration), 95.0)
-    assert stats.threshold == pytest.approx(expected_threshold, rel=1e-12)
+    # The conformal rule: of 400 calibration scores, the ceil(401 * 0.95) = 381st smallest.
+    assert stats.threshold == pytest.approx(np.sort(stats.scores(calibration))[380], rel=1e-12)
+    assert stats.threshold_rule == "conformal"
+    assert int(np.sum(stats.scores(calibration) > stats.threshold)) == 19  # 19 / 401 < 5 %
     assert stats.n_fit == 400 and stats.n_calibration == 400 and stats.calibrated_on == "validation images"
 
     inside, _ = clouds(2)
@@ -69,7 +75,7 @@ def test_shifted_cloud_is_told_apart_and_threshold_is_the_percentile() -> None:
     assert np.mean(scores_out > stats.threshold) > 0.95
 
     strict = fit_statistics(fit_x, fit_y, ["a", "b"], calibration, features="test", percentile=99.0)
-    assert strict.threshold == pytest.approx(np.percentile(strict.scores(calibration), 99.0))
+    assert strict.threshold == pytest.approx(np.sort(strict.scores(calibration))[396])  # ceil(401 * 0.99) = 397
     assert strict.threshold > stats.threshold
 
 
@@ -177,6 +183,120 @@ def test_statistics_without_their_tensors_or_of_the_wrong_shape_are_refused(tmp_
         load_checkpoint(tmp_path / "wrong.pt")
 
 
+@pytest.mark.parametrize(
+    ("n", "percentile", "rank", "rule"),
+    [(19, 95.0, 19, "conformal"), (18, 95.0, None, "maximum"), (20, 95.0, 20, "conformal"),
+     (99, 95.0, 95, "conformal"), (7, 95.0, None, "maximum"), (4, 80.0, 4, "conformal"), (1, 50.0, 1, "conformal")],
+)  # fmt: skip
+def test_conformal_threshold_is_the_smallest_rank_with_the_guarantee(
+    n: int, percentile: float, rank: int | None, rule: str
+) -> None:
+    scores = np.random.default_rng(n).permutation(np.arange(1.0, n + 1.0))  # ranks 1..n, shuffled
+    threshold, got_rule = conformal_threshold(scores, percentile)
+    assert got_rule == rule
+    assert threshold == (float(rank) if rank is not None else float(n))
+
+
+def test_block_scores_add_the_blocks_squared_distances_and_take_the_nearest_group_jointly() -> None:
+    rng = np.random.default_rng(7)
+    x, y = clouds(8, n=80, dim=6)
+    widths = [2, 4]
+    stats = fit_statistics(x, y, ["a", "b"], x[:20], features="test", blocks=widths)
+    assert stats.blocks == widths and tuple(stats.precision.shape) == (6, 4)
+    probe = rng.normal(size=(7, 6))
+    first_means, first_precision = fit_gaussian(x[:, :2], y, 2)
+    last_means, last_precision = fit_gaussian(x[:, 2:], y, 2)
+    np.testing.assert_allclose(stats.block_precisions()[0], first_precision, rtol=1e-10)
+    np.testing.assert_allclose(stats.block_precisions()[1], last_precision, rtol=1e-10)
+    expected = [
+        min(
+            np.sqrt(
+                mahalanobis(p[:2], first_means[g], first_precision) ** 2
+                + mahalanobis(p[2:], last_means[g], last_precision) ** 2
+            )
+            for g in range(2)
+        )
+        for p in probe
+    ]
+    np.testing.assert_allclose(stats.scores(probe), expected, rtol=1e-8)
+    # One block is the plain Mahalanobis distance (statistics from before the blocks).
+    single = fit_statistics(x, y, ["a", "b"], x[:20], features="test")
+    assert single.blocks == [] and tuple(single.precision.shape) == (6, 6)
+    np.testing.assert_allclose(
+        single.scores(probe), mahalanobis_scores(probe, single.means.numpy(), single.precision.numpy())
+    )
+    with pytest.raises(ValueError, match="blocks"):
+        fit_statistics(x, y, ["a", "b"], x[:20], features="test", blocks=[2, 3])
+
+
+def test_default_sources_are_the_first_and_last_stage_and_legacy_statistics_keep_the_last(
+    tmp_path: Path,
+) -> None:
+    from models.classifier import Classifier
+
+    classifier = Classifier("resnet18", num_classes=2, in_channels=1)
+    source = default_feature_source(classifier)
+    assert source is not None and source.names == ("features.0", "features.4")
+    assert source.modules == (classifier.features[0], classifier.features[4]) and source.pooling == "mean+std"
+    unet = UNet(in_channels=1, out_channels=2, channels=[4, 8, 16]).eval()
+    source = default_feature_source(unet)
+    assert source is not None and source.modules == (unet.down[0], unet.down[2])
+    assert default_feature_source(nn.Conv2d(1, 1, 1)) is None
+    # Statistics without layers (written before them): the last stage's pooled mean, as they were fitted on.
+    legacy = sample_statistics(dim=16, groups=("all",))
+    source = feature_source(unet, legacy)
+    assert source.modules == (unet.down[-1],) and source.pooling == "mean"
+    with pytest.raises(ValueError, match="not in"):
+        feature_source(unet, legacy.model_copy(update={"layers": ["down.7"]}))
+
+
+def test_mean_and_std_pooling_of_several_layers() -> None:
+    unet = UNet(in_channels=1, out_channels=2, channels=[4, 8]).eval()
+    x = torch.rand(3, 1, 16, 16)
+    with torch.inference_mode(), FeatureTap([unet.down[0], unet.down[1]], "mean+std") as tap:
+        unet(x)
+        unet(x[:1])
+    assert tap.widths() == [4, 4, 8, 8] and tap.features().shape == (4, 24)
+    with torch.inference_mode():
+        first = unet.down[0](x)
+        last = unet.down[1](unet.pool(first))
+    expected = torch.cat(
+        [first.mean(dim=(2, 3)), first.std(dim=(2, 3), correction=0), last.mean(dim=(2, 3)),
+         last.std(dim=(2, 3), correction=0)], dim=1,
+    )  # fmt: skip
+    torch.testing.assert_close(tap.features()[:3], expected)
+    torch.testing.assert_close(tap.features()[3], expected[0])
+
+
+def test_blocked_statistics_survive_the_checkpoint_and_score_the_same(tmp_path: Path) -> None:
+    unet = UNet(in_channels=1, out_channels=2, channels=[4, 8]).eval()
+    source = default_feature_source(unet)
+    assert source is not None
+    fit = extract_blocks(unet, [torch.rand(1, 16, 16) for _ in range(24)], source=source, tile=(16, 16))
+    stats = fit_statistics(
+        fit.values, [0] * 24, ["all"], fit.values[:20], features=source.description, blocks=fit.widths,
+        layers=source.names, pooling=source.pooling,
+    )  # fmt: skip
+    meta = CheckpointMetadata(
+        task="segmentation",
+        architecture=Architecture(
+            name="unet", args={"in_channels": 1, "out_channels": 2, "channels": [4, 8]}
+        ),
+        classes=["background", "lesion"],
+        preprocessing=Preprocessing(in_channels=1, img_size=(16, 16)),
+        ood=stats,
+    )
+    save_checkpoint(tmp_path / "m.pt", unet, meta)
+    model, loaded = load_model(tmp_path / "m.pt")
+    assert loaded.ood is not None and loaded.ood.summary() == stats.summary()
+    assert loaded.ood.layers == ["down.0", "down.1"] and loaded.ood.blocks == [4, 4, 8, 8]
+    probe = [torch.rand(1, 40, 24)]
+    served = extract_features(model, probe, source=feature_source(model, loaded.ood), tile=(16, 16))
+    np.testing.assert_allclose(
+        loaded.ood.scores(served), stats.scores(extract_features(unet, probe, tile=(16, 16))), rtol=1e-6
+    )
+
+
 def test_feature_layers_of_the_built_in_networks() -> None:
     unet = UNet(in_channels=1, out_channels=2, channels=[4, 8, 16])
     found = feature_layer(unet)
@@ -207,7 +327,8 @@ def test_the_tap_sees_the_forward_pass_of_its_own_thread_only_and_is_removed_aft
 def test_tiled_features_are_the_mean_over_an_images_windows() -> None:
     unet = UNet(in_channels=1, out_channels=2, channels=[4, 8]).eval()
     images = [torch.rand(1, 40, 24), torch.rand(1, 16, 16)]
-    features = extract_features(unet, images, tile=(16, 16), overlap=0.25, batch_size=3)
+    legacy = feature_source(unet, sample_statistics(dim=8, groups=("all",)))  # the bottleneck's mean
+    features = extract_features(unet, images, source=legacy, tile=(16, 16), overlap=0.25, batch_size=3)
     assert features.shape == (2, 8)
     for image, row in zip(images, features, strict=True):
         tiles, tiling = split_tiles(image, (16, 16), 0.25)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 from models.checkpoint import Architecture, CheckpointMetadata, save_checkpoint
 from models.preprocessing import Preprocessing
@@ -40,3 +44,14 @@ def save_tiny_unet(
         metrics=metrics or {},
     )
     return save_checkpoint(path, UNet(**args), meta)
+
+
+def conformal_threshold(scores: np.ndarray, percentile: float) -> tuple[float, str]:
+    """The OOD threshold models.ood should set on these calibration scores, from its definition: the k-th
+    smallest score, k the smallest integer with k / (n + 1) >= percentile / 100 (exact arithmetic); the
+    largest score, rule ``maximum``, when k > n."""
+    values = np.sort(np.asarray(scores, dtype=np.float64))
+    k = math.ceil(Fraction(values.size + 1) * Fraction(str(percentile)) / 100)
+    if k > values.size:
+        return float(values[-1]), "maximum"
+    return float(values[k - 1]), "conformal"

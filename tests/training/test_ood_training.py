@@ -15,7 +15,7 @@ from models.classifier import Classifier
 from models.imageio import read_image_file
 from models.ood import extract_features
 from models.preprocessing import Preprocessing
-from tests.training.helpers import save_tiny_unet, train_argv
+from tests.training.helpers import conformal_threshold, save_tiny_unet, train_argv
 from training.classification.data import discover
 from training.cli import main
 from training.common.ood import model_input
@@ -89,12 +89,17 @@ def test_calibrate_ood_adds_statistics_to_a_classifier_as_a_new_file(tmp_path: P
     assert before.ood is None and before.version == original.version  # --out: the original is untouched
     assert meta.ood is not None and meta.version != original.version
     assert all(torch.equal(state[k], before_state[k]) for k in state)  # the weights are the same
-    assert meta.ood.groups == list(CLASSES) and meta.ood.dim == 512 and meta.ood.percentile == 95.0
+    assert meta.ood.groups == list(CLASSES) and meta.ood.percentile == 95.0
+    # ResNet-18: mean and std of the first stage (64 channels) and of the last (512).
+    assert meta.ood.layers == ["features.0", "features.4"] and meta.ood.pooling == "mean+std"
+    assert meta.ood.blocks == [64, 64, 512, 512] and meta.ood.dim == 1152
     # The split recorded in the checkpoint (val_split 0.25, seed 3): 12 training, 4 validation images.
     split = discover(data, 0.25, 3)
     assert (meta.ood.n_fit, meta.ood.n_calibration) == (12, 4)
     validation = scores_of(out, [s.path for s in split.val])
-    assert meta.ood.threshold == pytest.approx(float(np.percentile(validation, 95.0)), rel=1e-6)
+    # 4 validation images are too few for the conformal rule at the 95th percentile: their largest score.
+    assert conformal_threshold(validation, 95.0)[1] == "maximum" == meta.ood.threshold_rule
+    assert meta.ood.threshold == pytest.approx(float(validation.max()), rel=1e-6)
 
 
 def test_calibrate_ood_replaces_a_segmentation_checkpoint_in_place(tmp_path: Path) -> None:
@@ -120,7 +125,8 @@ def test_calibrate_ood_uses_a_val_folder_when_there_is_one(tmp_path: Path) -> No
     meta, _ = load_checkpoint(tmp_path / "unet.pt")
     assert meta.ood is not None and (meta.ood.n_fit, meta.ood.n_calibration) == (6, 3)
     validation = scores_of(tmp_path / "unet.pt", sorted((data / "val" / "images").glob("*.png")))
-    assert meta.ood.threshold == pytest.approx(float(np.percentile(validation, 95.0)), rel=1e-6)
+    threshold, rule = conformal_threshold(validation, 95.0)
+    assert meta.ood.threshold == pytest.approx(threshold, rel=1e-6) and meta.ood.threshold_rule == rule
 
 
 @pytest.mark.parametrize(
@@ -163,7 +169,9 @@ def test_train_classify_stores_statistics_fitted_on_training_and_thresholded_on_
     assert (meta.ood.n_fit, meta.ood.n_calibration) == (16, 4)
     split = discover(data, 0.2, 0)
     validation = scores_of(out, [s.path for s in split.val])
-    assert meta.ood.threshold == pytest.approx(float(np.percentile(validation, 80.0)), rel=1e-6)
+    threshold, rule = conformal_threshold(validation, 80.0)
+    assert rule == "conformal" == meta.ood.threshold_rule  # 4 images: the 4th smallest, k = ceil(5 * 0.8)
+    assert meta.ood.threshold == pytest.approx(threshold, rel=1e-6)
     assert main([*argv, "--ood-percentile", "0"]) == 0  # no statistics
     assert load_checkpoint(out)[0].ood is None
 
@@ -183,10 +191,11 @@ def test_train_segment_stores_statistics_of_the_bottleneck(tmp_path: Path) -> No
     options += ["--samples-per-epoch", "8", "--val-split", "0.25", "--device", "cpu"]
     assert main(train_argv("segment", tmp_path / "data", out, *options)) == 0
     meta, _ = load_checkpoint(out)
-    assert meta.ood is not None and meta.ood.groups == ["all"] and meta.ood.dim == 8
+    assert meta.ood is not None and meta.ood.groups == ["all"]
+    # The first (4 channels) and the last encoder block (8), mean and std of each: 24 features.
+    assert meta.ood.layers == ["down.0", "down.1"] and meta.ood.blocks == [4, 4, 8, 8] and meta.ood.dim == 24
     assert (meta.ood.n_fit, meta.ood.n_calibration) == (6, 2)
-    assert meta.ood.features == "globally average-pooled U-Net bottleneck"
+    assert "first and last U-Net encoder block" in meta.ood.features
     validation = [tmp_path / "data" / "images" / f"{stem}.png" for stem in meta.extra["split"]["val"]]
-    assert meta.ood.threshold == pytest.approx(
-        float(np.percentile(scores_of(out, validation), 95.0)), rel=1e-6
-    )
+    threshold, rule = conformal_threshold(scores_of(out, validation), 95.0)
+    assert meta.ood.threshold == pytest.approx(threshold, rel=1e-6) and rule == meta.ood.threshold_rule

@@ -21,7 +21,14 @@ import torch.nn.functional as F
 from models.checkpoint import CheckpointMetadata, build_model, load_checkpoint, save_checkpoint
 from models.imageio import read_image_file
 from models.inference import resolve_device
-from models.ood import DEFAULT_PERCENTILE, OODStatistics, extract_features, feature_layer, fit_statistics
+from models.ood import (
+    DEFAULT_PERCENTILE,
+    Features,
+    OODStatistics,
+    default_feature_source,
+    extract_blocks,
+    fit_statistics,
+)
 from models.preprocessing import Preprocessing, prepare
 from training.common.options import ArgumentContainer
 
@@ -88,27 +95,43 @@ def compute_statistics(
     Raises:
         ValueError: the model has no known feature layer, or there are no fit images.
     """
-    found = feature_layer(model)
-    if found is None:
+    source = default_feature_source(model)
+    if source is None:
         raise ValueError(f"no OOD feature layer is known for architecture {metadata.architecture.name!r}")
     spec = metadata.preprocessing
     tiled = metadata.task == "segmentation" and spec.resize in ("tile", "fit")
     tile = spec.img_size if tiled else None
     model = model.eval()
 
-    def features(pixels: Iterable[np.ndarray]) -> torch.Tensor:
+    def features(pixels: Iterable[np.ndarray]) -> Features:
         inputs = (model_input(p, metadata) for p in pixels)
-        return extract_features(
-            model, inputs, tile=tile, overlap=spec.tile_overlap, batch_size=batch_size, device=device
+        return extract_blocks(
+            model,
+            inputs,
+            source=source,
+            tile=tile,
+            overlap=spec.tile_overlap,
+            batch_size=batch_size,
+            device=device,
         )
 
     with torch.inference_mode():
         fit = features(fit_pixels)
         calibration = features(calibration_pixels)
-    if fit.shape[0] == 0:
+    if fit.values.shape[0] == 0:
         raise ValueError("no images to fit out-of-distribution statistics on")
     groups = metadata.classes if metadata.task == "classification" else [ALL_IMAGES]
-    return fit_statistics(fit, fit_groups, groups, calibration, features=found[1], percentile=percentile)
+    return fit_statistics(
+        fit.values,
+        fit_groups,
+        groups,
+        calibration.values if calibration.values.shape[0] else None,
+        features=source.description,
+        percentile=percentile,
+        blocks=fit.widths,
+        layers=source.names,
+        pooling=source.pooling,
+    )
 
 
 def add_ood_statistics(
@@ -143,6 +166,14 @@ def add_ood_statistics(
         device=torch_device,
         batch_size=batch_size,
     )
+    if stats.threshold_rule == "maximum":
+        log.warning(
+            "OOD threshold: %d validation images are too few for the conformal rule at the %gth percentile; "
+            "the largest validation score is used and about 1 in %d in-distribution images will be flagged",
+            stats.n_calibration,
+            stats.percentile,
+            stats.n_calibration + 1,
+        )
     written = save_checkpoint(out or checkpoint, state, metadata.model_copy(update={"ood": stats}))
     log.info(
         "OOD statistics: %d group(s), %d features, fitted on %d images; threshold %.4g (p%g of %d %s); "
