@@ -25,7 +25,7 @@ from typing import Any
 from models.checkpoint import CheckpointError, CheckpointMetadata, load_checkpoint
 from models.imageio import IMAGE_SUFFIXES
 from training.classification.data import discover
-from training.common.ood import add_ood_statistics, add_percentile_argument, read_pixels
+from training.common.ood import add_ood_statistics, add_percentile_argument, confidence_of, read_pixels
 from training.common.options import add_device_argument
 from training.common.runtime import cpu_threads
 from training.segmentation.data import split_indices
@@ -118,6 +118,7 @@ def calibrate(args: argparse.Namespace) -> CheckpointMetadata:
     percentile = float(args.percentile)
     if not 0.0 < percentile <= 100.0:
         raise ValueError(f"--percentile must be in (0, 100], got {percentile}")
+    confidence_of(args)  # refuses a bad --confidence before any work
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.out is not None and Path(args.out).suffix != ".pt":
@@ -139,6 +140,7 @@ def calibrate(args: argparse.Namespace) -> CheckpointMetadata:
         labels,
         read_pixels(val_files, intensity),
         percentile=percentile,
+        confidence=confidence_of(args),
         device=args.device,
         batch_size=args.batch_size,
         out=Path(args.out) if args.out is not None else None,
@@ -146,8 +148,7 @@ def calibrate(args: argparse.Namespace) -> CheckpointMetadata:
     assert written.ood is not None
     print(
         f"{args.out or args.model}: OOD statistics of {written.ood.n_fit} training images, threshold "
-        f"{written.ood.threshold:.4g} (p{written.ood.percentile:g} of {written.ood.n_calibration} "
-        f"{written.ood.calibrated_on}); version {before} -> {written.version}"
+        f"{written.ood.threshold:.4g} ({written.ood.threshold_basis()}); version {before} -> {written.version}"
     )
     return written
 

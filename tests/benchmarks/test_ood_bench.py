@@ -53,3 +53,25 @@ def test_score_files_gives_the_services_score_for_each_file(tmp_path: Path) -> N
     with torch.inference_mode():
         expected = meta.ood.scores(extract_features(model, inputs, tile=meta.preprocessing.img_size))
     np.testing.assert_allclose(scores, expected, rtol=1e-5)
+
+
+def test_feature_study_scores_sum_the_layers_squared_distances() -> None:
+    import ood_features as study
+
+    from models.ood import fit_gaussian, mahalanobis_scores
+
+    rng = np.random.default_rng(1)
+    fit = {"a/mean": rng.normal(size=(40, 3)), "b/mean": rng.normal(size=(40, 5))}
+    groups = np.repeat([0, 1], 20)
+    probe = {"test": {"a/mean": rng.normal(size=(6, 3)), "b/mean": rng.normal(size=(6, 5))}}
+    one = study.scores_for(["a/mean"], fit, groups, 2, probe)["test"]
+    means, precision = fit_gaussian(fit["a/mean"], groups, 2)
+    np.testing.assert_allclose(one, mahalanobis_scores(probe["test"]["a/mean"], means, precision))
+    both = study.scores_for(["a/mean", "b/mean"], fit, groups, 2, probe)["test"]
+    assert np.all(both >= one - 1e-12)  # another block only adds squared distance
+
+
+def test_results_name_no_machine_paths() -> None:
+    root = Path(bench.ROOT)
+    command = f"medserve demo --model-dir {root}/runs/ood/demo --data {root.parent}/shared/datasets/x"
+    assert bench.shown(command) == "medserve demo --model-dir runs/ood/demo --data ../shared/datasets/x"

@@ -41,8 +41,12 @@ from models.ood import (
     mahalanobis_scores,
     window_count,
 )
+from models.ood import (
+    tolerance_threshold as tolerance_threshold_of,
+)
 from models.preprocessing import Preprocessing
 from models.unet import UNet
+from tests.training.helpers import tolerance_threshold
 
 
 def clouds(seed: int = 0, n: int = 400, dim: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -59,10 +63,14 @@ def test_shifted_cloud_is_told_apart_and_threshold_is_the_percentile() -> None:
     fit_x, fit_y = clouds(0)
     calibration, _ = clouds(1)
     stats = fit_statistics(fit_x, fit_y, ["a", "b"], calibration, features="test", percentile=95.0)
-    # The conformal rule: of 400 calibration scores, the ceil(401 * 0.95) = 381st smallest.
-    assert stats.threshold == pytest.approx(np.sort(stats.scores(calibration))[380], rel=1e-12)
-    assert stats.threshold_rule == "conformal"
-    assert int(np.sum(stats.scores(calibration) > stats.threshold)) == 19  # 19 / 401 < 5 %
+    # The tolerance limit: at most 5 % flagged with confidence 0.9, of 400 scores the 386th smallest.
+    expected, rule = tolerance_threshold(stats.scores(calibration), 95.0, 0.9)
+    assert stats.threshold == pytest.approx(expected, rel=1e-12) == np.sort(stats.scores(calibration))[385]
+    assert stats.threshold_rule == rule == "tolerance" and stats.confidence == 0.9
+    # Without a confidence, the conformal rule: the ceil(401 * 0.95) = 381st smallest.
+    mean_only = fit_statistics(fit_x, fit_y, ["a", "b"], calibration, features="test", confidence=None)
+    assert mean_only.threshold == pytest.approx(np.sort(stats.scores(calibration))[380], rel=1e-12)
+    assert mean_only.threshold_rule == "conformal" and mean_only.confidence is None
     assert stats.n_fit == 400 and stats.n_calibration == 400 and stats.calibrated_on == "validation images"
 
     inside, _ = clouds(2)
@@ -74,8 +82,12 @@ def test_shifted_cloud_is_told_apart_and_threshold_is_the_percentile() -> None:
     assert 0.01 <= flagged_in <= 0.10  # about 5 % by design
     assert np.mean(scores_out > stats.threshold) > 0.95
 
-    strict = fit_statistics(fit_x, fit_y, ["a", "b"], calibration, features="test", percentile=99.0)
-    assert strict.threshold == pytest.approx(np.sort(strict.scores(calibration))[396])  # ceil(401 * 0.99) = 397
+    strict = fit_statistics(
+        fit_x, fit_y, ["a", "b"], calibration, features="test", percentile=99.0, confidence=None
+    )
+    assert strict.threshold == pytest.approx(
+        np.sort(strict.scores(calibration))[396]
+    )  # ceil(401 * 0.99) = 397
     assert strict.threshold > stats.threshold
 
 
@@ -195,6 +207,21 @@ def test_conformal_threshold_is_the_smallest_rank_with_the_guarantee(
     threshold, got_rule = conformal_threshold(scores, percentile)
     assert got_rule == rule
     assert threshold == (float(rank) if rank is not None else float(n))
+
+
+@pytest.mark.parametrize(("n", "rank"), [(44, None), (45, 45), (60, 60), (100, 99), (522, 503)])
+def test_tolerance_limit_bounds_the_flag_rate_with_the_confidence(n: int, rank: int | None) -> None:
+    scores = np.random.default_rng(n).permutation(np.arange(1.0, n + 1.0))
+    threshold, rule = tolerance_threshold_of(scores, 95.0, 0.9)
+    assert (threshold, rule) == ((float(rank), "tolerance") if rank else (float(n), "maximum"))
+    assert (threshold, rule) == tolerance_threshold(scores, 95.0, 0.9)  # the test's own derivation agrees
+    if rank is None:
+        return
+    # Simulated: uniform scores, so the flagged fraction of the population is 1 - U_(rank).
+    uniform = np.sort(np.random.default_rng(0).random((4000, n)), axis=1)
+    flagged = 1.0 - uniform[:, rank - 1]
+    assert np.mean(flagged > 0.05) <= 0.1 + 0.015  # at most 5 % flagged, in 90 % of draws
+    assert np.mean(1.0 - uniform[:, rank - 2] > 0.05) > 0.1  # the rank below would not do
 
 
 def test_block_scores_add_the_blocks_squared_distances_and_take_the_nearest_group_jointly() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,12 +44,15 @@ def save_tiny_unet(
     return save_checkpoint(path, UNet(**args), meta)
 
 
-def conformal_threshold(scores: np.ndarray, percentile: float) -> tuple[float, str]:
-    """The OOD threshold models.ood should set on these calibration scores, from its definition: the k-th
-    smallest score, k the smallest integer with k / (n + 1) >= percentile / 100 (exact arithmetic); the
-    largest score, rule ``maximum``, when k > n."""
+def tolerance_threshold(scores: np.ndarray, percentile: float, confidence: float = 0.9) -> tuple[float, str]:
+    """The OOD threshold models.ood should set on these calibration scores, from the definition of a one-sided
+    tolerance limit: the smallest k-th order statistic for which P(fewer than k of the n scores fall below the
+    distribution's percentile) >= confidence, i.e. P(Binomial(n, p) >= k) <= 1 - confidence; the largest
+    score, rule ``maximum``, when no k qualifies."""
+    from scipy.stats import binom
+
     values = np.sort(np.asarray(scores, dtype=np.float64))
-    k = math.ceil(Fraction(values.size + 1) * Fraction(str(percentile)) / 100)
-    if k > values.size:
-        return float(values[-1]), "maximum"
-    return float(values[k - 1]), "conformal"
+    for k in range(1, values.size + 1):
+        if binom.sf(k - 1, values.size, percentile / 100.0) <= 1.0 - confidence:
+            return float(values[k - 1]), "tolerance"
+    return float(values[-1]), "maximum"

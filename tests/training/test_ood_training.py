@@ -15,7 +15,7 @@ from models.classifier import Classifier
 from models.imageio import read_image_file
 from models.ood import extract_features
 from models.preprocessing import Preprocessing
-from tests.training.helpers import conformal_threshold, save_tiny_unet, train_argv
+from tests.training.helpers import save_tiny_unet, tolerance_threshold, train_argv
 from training.classification.data import discover
 from training.cli import main
 from training.common.ood import model_input
@@ -97,8 +97,8 @@ def test_calibrate_ood_adds_statistics_to_a_classifier_as_a_new_file(tmp_path: P
     split = discover(data, 0.25, 3)
     assert (meta.ood.n_fit, meta.ood.n_calibration) == (12, 4)
     validation = scores_of(out, [s.path for s in split.val])
-    # 4 validation images are too few for the conformal rule at the 95th percentile: their largest score.
-    assert conformal_threshold(validation, 95.0)[1] == "maximum" == meta.ood.threshold_rule
+    # 4 validation images are too few to bound the flag rate at 5 % with confidence 0.9: their largest score.
+    assert tolerance_threshold(validation, 95.0)[1] == "maximum" == meta.ood.threshold_rule
     assert meta.ood.threshold == pytest.approx(float(validation.max()), rel=1e-6)
 
 
@@ -117,21 +117,44 @@ def test_calibrate_ood_replaces_a_segmentation_checkpoint_in_place(tmp_path: Pat
     assert load_checkpoint(path)[0].version == meta.version
 
 
-def test_calibrate_ood_uses_a_val_folder_when_there_is_one(tmp_path: Path) -> None:
+def test_calibrate_ood_uses_a_val_folder_when_there_is_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = make_images(tmp_path / "data", 6)
-    make_images(data / "val", 3, seed=1)
+    make_images(data / "val", 50, seed=1)
     save_tiny_unet(tmp_path / "unet.pt")
     assert main(["calibrate-ood", "--model", str(tmp_path / "unet.pt"), "--data", str(data)]) == 0
+    assert (
+        "at most 5% of images like the 50 validation images flagged, with confidence 0.9"
+        in capsys.readouterr().out
+    )
     meta, _ = load_checkpoint(tmp_path / "unet.pt")
-    assert meta.ood is not None and (meta.ood.n_fit, meta.ood.n_calibration) == (6, 3)
+    assert meta.ood is not None and (meta.ood.n_fit, meta.ood.n_calibration) == (6, 50)
     validation = scores_of(tmp_path / "unet.pt", sorted((data / "val" / "images").glob("*.png")))
-    threshold, rule = conformal_threshold(validation, 95.0)
-    assert meta.ood.threshold == pytest.approx(threshold, rel=1e-6) and meta.ood.threshold_rule == rule
+    threshold, rule = tolerance_threshold(validation, 95.0)
+    assert rule == "tolerance" == meta.ood.threshold_rule and meta.ood.confidence == 0.9
+    assert meta.ood.threshold == pytest.approx(threshold, rel=1e-6)
+    # The largest of 50: the 49th would leave more than 5 % above it with probability 0.28 (> 0.1).
+    assert meta.ood.threshold == pytest.approx(float(validation.max()), rel=1e-6)
+    # --confidence 0: the conformal rank, at the 80th percentile ceil(51 * 0.8) = 41.
+    argv = ["calibrate-ood", "--model", str(tmp_path / "unet.pt"), "--data", str(data), "--percentile", "80"]
+    assert main([*argv, "--confidence", "0"]) == 0
+    conformal = load_checkpoint(tmp_path / "unet.pt")[0].ood
+    assert conformal is not None and conformal.threshold_rule == "conformal" and conformal.confidence is None
+    assert conformal.threshold == pytest.approx(float(np.sort(validation)[40]), rel=1e-6)  # ceil(51 * 0.8)
+    assert main(argv) == 0
+    strict = load_checkpoint(tmp_path / "unet.pt")[0].ood
+    assert strict is not None and strict.threshold == pytest.approx(tolerance_threshold(validation, 80.0)[0])
+    assert strict.threshold > conformal.threshold
 
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--percentile", "0"], "--percentile"), (["--out", "x.pth"], "--out must end in .pt")],
+    [
+        (["--percentile", "0"], "--percentile"),
+        (["--confidence", "1.5"], "confidence"),
+        (["--out", "x.pth"], "--out must end in .pt"),
+    ],
 )
 def test_calibrate_ood_refuses_bad_options(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, extra: list[str], message: str
@@ -169,8 +192,8 @@ def test_train_classify_stores_statistics_fitted_on_training_and_thresholded_on_
     assert (meta.ood.n_fit, meta.ood.n_calibration) == (16, 4)
     split = discover(data, 0.2, 0)
     validation = scores_of(out, [s.path for s in split.val])
-    threshold, rule = conformal_threshold(validation, 80.0)
-    assert rule == "conformal" == meta.ood.threshold_rule  # 4 images: the 4th smallest, k = ceil(5 * 0.8)
+    threshold, rule = tolerance_threshold(validation, 80.0)
+    assert rule == "maximum" == meta.ood.threshold_rule  # 4 images: 0.8 ** 4 = 0.41 > 0.1
     assert meta.ood.threshold == pytest.approx(threshold, rel=1e-6)
     assert main([*argv, "--ood-percentile", "0"]) == 0  # no statistics
     assert load_checkpoint(out)[0].ood is None
@@ -197,5 +220,5 @@ def test_train_segment_stores_statistics_of_the_bottleneck(tmp_path: Path) -> No
     assert (meta.ood.n_fit, meta.ood.n_calibration) == (6, 2)
     assert "first and last U-Net encoder block" in meta.ood.features
     validation = [tmp_path / "data" / "images" / f"{stem}.png" for stem in meta.extra["split"]["val"]]
-    threshold, rule = conformal_threshold(scores_of(out, validation), 95.0)
+    threshold, rule = tolerance_threshold(scores_of(out, validation), 95.0)
     assert meta.ood.threshold == pytest.approx(threshold, rel=1e-6) and rule == meta.ood.threshold_rule

@@ -60,7 +60,13 @@ from training.classification.data import (
 )
 from training.classification.engine import evaluate, predict_logits, train_one_epoch
 from training.classification.transforms import AugmentConfig
-from training.common.ood import add_ood_statistics, add_percentile_argument, percentile_of, read_pixels
+from training.common.ood import (
+    add_ood_statistics,
+    add_percentile_argument,
+    confidence_of,
+    percentile_of,
+    read_pixels,
+)
 from training.common.options import add_device_argument, add_intensity_argument, json_args, parse_size
 from training.common.precision import mixed_precision
 from training.common.run import TrainResult, write_history
@@ -201,6 +207,7 @@ def check_args(args: argparse.Namespace) -> None:
     if not 0.0 <= args.label_smoothing < 1.0:
         raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     percentile_of(args)
+    confidence_of(args)
 
 
 def build_model(args: argparse.Namespace, n_classes: int, in_channels: int, pretrained: str) -> Classifier:
@@ -508,6 +515,7 @@ def run(args: argparse.Namespace) -> TrainResult:
             prepared.train_labels,
             read_pixels([s.path for s in data.val], spec.intensity),
             percentile=percentile,
+            confidence=confidence_of(args),
             device=device,
             batch_size=args.batch_size * 2,
         )

@@ -22,6 +22,7 @@ from models.checkpoint import CheckpointMetadata, build_model, load_checkpoint, 
 from models.imageio import read_image_file
 from models.inference import resolve_device
 from models.ood import (
+    DEFAULT_CONFIDENCE,
     DEFAULT_PERCENTILE,
     Features,
     OODStatistics,
@@ -45,10 +46,27 @@ def add_percentile_argument(group: ArgumentContainer, flag: str = "--ood-percent
         flag,
         type=float,
         default=DEFAULT_PERCENTILE,
-        help=f"out-of-distribution threshold: this percentile of the validation images' scores (default "
-        f"{DEFAULT_PERCENTILE:g}: about 5%% of in-distribution images flagged)"
+        help=f"out-of-distribution threshold: at most (100 - this) %% of images like the validation images "
+        f"are flagged (default {DEFAULT_PERCENTILE:g}: 5%%)"
         + ("; 0 stores no statistics" if flag == "--ood-percentile" else ""),
     )
+    group.add_argument(
+        "--ood-confidence" if flag == "--ood-percentile" else "--confidence",
+        type=float,
+        default=DEFAULT_CONFIDENCE,
+        help=f"with this probability (default {DEFAULT_CONFIDENCE:g}) over the draw of the validation images "
+        "(a tolerance limit, models.ood); 0: the split-conformal rank, which holds only on average",
+    )
+
+
+def confidence_of(args: argparse.Namespace) -> float | None:
+    """``--ood-confidence`` / ``--confidence`` (the default for namespaces without it); None when 0."""
+    value = float(getattr(args, "ood_confidence", getattr(args, "confidence", DEFAULT_CONFIDENCE)))
+    if value == 0:
+        return None
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"the OOD confidence must be in (0, 1) (or 0 for the conformal rank), got {value}")
+    return value
 
 
 def percentile_of(args: argparse.Namespace) -> float | None:
@@ -86,6 +104,7 @@ def compute_statistics(
     calibration_pixels: Iterable[np.ndarray],
     *,
     percentile: float = DEFAULT_PERCENTILE,
+    confidence: float | None = DEFAULT_CONFIDENCE,
     device: torch.device | None = None,
     batch_size: int = 32,
 ) -> OODStatistics:
@@ -128,6 +147,7 @@ def compute_statistics(
         calibration.values if calibration.values.shape[0] else None,
         features=source.description,
         percentile=percentile,
+        confidence=confidence,
         blocks=fit.widths,
         layers=source.names,
         pooling=source.pooling,
@@ -141,6 +161,7 @@ def add_ood_statistics(
     calibration_pixels: Iterable[np.ndarray],
     *,
     percentile: float = DEFAULT_PERCENTILE,
+    confidence: float | None = DEFAULT_CONFIDENCE,
     device: str | torch.device = "cpu",
     batch_size: int = 32,
     out: Path | None = None,
@@ -163,28 +184,27 @@ def add_ood_statistics(
         fit_groups,
         calibration_pixels,
         percentile=percentile,
+        confidence=confidence,
         device=torch_device,
         batch_size=batch_size,
     )
     if stats.threshold_rule == "maximum":
         log.warning(
-            "OOD threshold: %d validation images are too few for the conformal rule at the %gth percentile; "
-            "the largest validation score is used and about 1 in %d in-distribution images will be flagged",
+            "OOD threshold: %d validation images are too few to bound the flag rate at %g%% (confidence %s); "
+            "the largest validation score is used, which flags about 1 in %d images like them",
             stats.n_calibration,
-            stats.percentile,
+            100.0 - stats.percentile,
+            stats.confidence,
             stats.n_calibration + 1,
         )
     written = save_checkpoint(out or checkpoint, state, metadata.model_copy(update={"ood": stats}))
     log.info(
-        "OOD statistics: %d group(s), %d features, fitted on %d images; threshold %.4g (p%g of %d %s); "
-        "version %s -> %s",
+        "OOD statistics: %d group(s), %d features, fitted on %d images; threshold %.4g (%s); version %s -> %s",
         len(stats.groups),
         stats.dim,
         stats.n_fit,
         stats.threshold,
-        stats.percentile,
-        stats.n_calibration,
-        stats.calibrated_on,
+        stats.threshold_basis(),
         metadata.version,
         written.version,
     )

@@ -31,7 +31,12 @@ from models.imageio import resolve_intensity
 from models.preprocessing import Preprocessing, fit_mask, prepare
 from models.unet import NORMS, UPSAMPLES, UNet
 from training.common.distributed import Dist, gather, init_distributed, sync_buffers
-from training.common.ood import add_ood_statistics, add_percentile_argument, percentile_of
+from training.common.ood import (
+    add_ood_statistics,
+    add_percentile_argument,
+    confidence_of,
+    percentile_of,
+)
 from training.common.options import add_device_argument, add_intensity_argument, json_args, parse_size
 from training.common.precision import mixed_precision
 from training.common.run import TrainResult, write_history
@@ -312,6 +317,7 @@ def check_args(args: argparse.Namespace) -> None:
     if not 0 <= args.ema < 1:
         raise ValueError("--ema must be in [0, 1) (0 turns it off)")
     percentile_of(args)
+    confidence_of(args)
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -528,6 +534,7 @@ def _run(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainRes
             [0] * len(data.train),
             data.val.images,
             percentile=percentile,
+            confidence=confidence_of(args),
             device=device,
             batch_size=max(args.batch_size, 4),
         )
