@@ -128,6 +128,20 @@ def sample_statistics(dim: int = 4, groups: tuple[str, ...] = ("a", "b")) -> OOD
     return fit_statistics(x, labels, list(groups), x[:10], features="test features")
 
 
+def save_unet(path: Path, unet: UNet, stats: OODStatistics) -> CheckpointMetadata:
+    """``unet`` (channels 4, 8; 16 x 16 tiles) saved with ``stats``."""
+    meta = CheckpointMetadata(
+        task="segmentation",
+        architecture=Architecture(
+            name="unet", args={"in_channels": 1, "out_channels": 2, "channels": [4, 8]}
+        ),
+        classes=["background", "lesion"],
+        preprocessing=Preprocessing(in_channels=1, img_size=(16, 16)),
+        ood=stats,
+    )
+    return save_checkpoint(path, unet, meta)
+
+
 def tiny_unet_checkpoint(path: Path, ood: OODStatistics | None = None) -> CheckpointMetadata:
     torch.manual_seed(0)
     args: dict[str, Any] = {"in_channels": 1, "out_channels": 2, "channels": [4, 8]}
@@ -304,16 +318,7 @@ def test_blocked_statistics_survive_the_checkpoint_and_score_the_same(tmp_path: 
         fit.values, [0] * 24, ["all"], fit.values[:20], features=source.description, blocks=fit.widths,
         layers=source.names, pooling=source.pooling,
     )  # fmt: skip
-    meta = CheckpointMetadata(
-        task="segmentation",
-        architecture=Architecture(
-            name="unet", args={"in_channels": 1, "out_channels": 2, "channels": [4, 8]}
-        ),
-        classes=["background", "lesion"],
-        preprocessing=Preprocessing(in_channels=1, img_size=(16, 16)),
-        ood=stats,
-    )
-    save_checkpoint(tmp_path / "m.pt", unet, meta)
+    save_unet(tmp_path / "m.pt", unet, stats)
     model, loaded = load_model(tmp_path / "m.pt")
     assert loaded.ood is not None and loaded.ood.summary() == stats.summary()
     assert loaded.ood.layers == ["down.0", "down.1"] and loaded.ood.blocks == [4, 4, 8, 8]
@@ -369,16 +374,7 @@ def test_a_loaded_model_scores_like_the_statistics_it_was_saved_with(tmp_path: P
     unet = UNet(in_channels=1, out_channels=2, channels=[4, 8]).eval()
     fit = extract_features(unet, [torch.rand(1, 16, 16) for _ in range(12)], tile=(16, 16))
     stats = fit_statistics(fit, [0] * 12, ["all"], fit[:4], features="bottleneck")
-    meta = CheckpointMetadata(
-        task="segmentation",
-        architecture=Architecture(
-            name="unet", args={"in_channels": 1, "out_channels": 2, "channels": [4, 8]}
-        ),
-        classes=["background", "lesion"],
-        preprocessing=Preprocessing(in_channels=1, img_size=(16, 16)),
-        ood=stats,
-    )
-    save_checkpoint(tmp_path / "m.pt", unet, meta)
+    save_unet(tmp_path / "m.pt", unet, stats)
     model, loaded = load_model(tmp_path / "m.pt")
     assert loaded.ood is not None
     probe = [torch.rand(1, 16, 16)]
