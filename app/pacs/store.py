@@ -202,6 +202,28 @@ class Claimed:
     created_at: float
 
 
+@dataclass(frozen=True)
+class Settled:
+    """The outcome of one delivery attempt of a job, for ``JobStore.settle``.
+
+    ``outcome``: ``done`` (delivered), ``failed`` (with ``reason``) or ``retry`` (attempt again at
+    ``next_attempt_at``, with ``reason``; ``result_path`` names the spooled result when the job comes from
+    ``running``). ``result_sop_instance_uid`` / ``result_kind``: the result's UID and kind.
+    """
+
+    job_id: int
+    outcome: str
+    attempts: int
+    result_sop_instance_uid: str | None = None
+    result_kind: str | None = None
+    reason: str | None = None
+    next_attempt_at: float | None = None
+    result_path: str | None = None
+
+
+DONE_OUTCOME, FAILED_OUTCOME, RETRY_OUTCOME = "done", "failed", "retry"
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # The driver's own transaction handling off: SQLAlchemy's "begin" event issues BEGIN IMMEDIATE instead.
     dbapi_connection.isolation_level = None
@@ -213,8 +235,14 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+READ_ONLY = "medserve_read_only"  # execution option: a read transaction (SQLite: a deferred BEGIN, no lock)
+
+
 def _sqlite_begin(connection: Connection) -> None:
-    connection.exec_driver_sql("BEGIN IMMEDIATE")  # one writer at a time, taken at the start
+    if connection.get_execution_options().get(READ_ONLY):
+        connection.exec_driver_sql("BEGIN")  # a reader: sees the last commit, never waits for a writer (WAL)
+    else:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")  # one writer at a time, taken at the start
 
 
 class JobStore:
@@ -277,6 +305,17 @@ class JobStore:
         # that finds another thread's transaction open sleeps in its busy handler (1, 2, 5, 10, ... ms), long
         # after the other one committed: under load the job path spent most of its store time there.
         with self._writer, self.engine.begin() as connection:
+            yield connection
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A read-only transaction: on SQLite neither the process's writer lock nor SQLite's (WAL readers run
+        beside the writer), so the API and the metrics never queue behind the job path's commits."""
+        if self._writer is None:
+            with self.engine.begin() as connection:
+                yield connection
+            return
+        with self.engine.connect().execution_options(**{READ_ONLY: True}) as connection, connection.begin():
             yield connection
 
     def _insert(self, table: Table) -> Any:
@@ -384,37 +423,33 @@ class JobStore:
             .with_for_update(skip_locked=True, of=jobs)
         )
         claimed: list[Claimed] = []
+        lease = {"lease_owner": owner, "lease_expires_at": now + lease_s}
         with self._begin() as db:
-            for row in db.execute(query).all():
-                lease = {"lease_owner": owner, "lease_expires_at": now + lease_s}
+            rows = db.execute(query).all()
+            to_run, to_deliver = [], []
+            for row in rows:
                 if row.state == DELIVERING:
-                    phase = "deliver"
-                    db.execute(update(jobs).where(jobs.c.id == row.id).values(**lease))
-                else:
-                    if row.runs >= MAX_RUNS:  # its process died that many times while running it
-                        db.execute(
-                            update(jobs)
-                            .where(jobs.c.id == row.id)
-                            .values(
-                                state=FAILED,
-                                reason=f"the service stopped {row.runs} times while running this job; "
-                                "see the service log",
-                                finished_at=now,
-                                lease_owner=None,
-                                lease_expires_at=None,
-                            )
-                        )
-                        continue
-                    phase = "run"
+                    to_deliver.append(row.id)
+                elif row.runs >= MAX_RUNS:  # its process died that many times while running it
                     db.execute(
                         update(jobs)
                         .where(jobs.c.id == row.id)
-                        .values(state=RUNNING, started_at=now, runs=row.runs + 1, **lease)
+                        .values(
+                            state=FAILED,
+                            reason=f"the service stopped {row.runs} times while running this job; "
+                            "see the service log",
+                            finished_at=now,
+                            lease_owner=None,
+                            lease_expires_at=None,
+                        )
                     )
+                    continue
+                else:
+                    to_run.append(row.id)
                 claimed.append(
                     Claimed(
                         id=row.id,
-                        phase=phase,
+                        phase="deliver" if row.state == DELIVERING else "run",
                         model=row.model,
                         model_version=row.model_version,
                         task=row.task,
@@ -429,6 +464,15 @@ class JobStore:
                         created_at=row.created_at,
                     )
                 )
+            # One statement per kind for all the jobs taken (marked running in the claim itself).
+            if to_run:
+                db.execute(
+                    update(jobs)
+                    .where(jobs.c.id.in_(to_run))
+                    .values(state=RUNNING, started_at=now, runs=jobs.c.runs + 1, **lease)
+                )
+            if to_deliver:
+                db.execute(update(jobs).where(jobs.c.id.in_(to_deliver)).values(**lease))
         return claimed
 
     def heartbeat(self, owner: str, lease_s: float) -> int:
@@ -528,6 +572,62 @@ class JobStore:
             values["attempts"] = attempts
         return self._leased_update(job_id, owner, [RUNNING, DELIVERING], **values)
 
+    def held(self, job_ids: Sequence[int], owner: str) -> set[int]:
+        """Which of ``job_ids`` are still ``owner``'s (running or delivering under its lease): the others were
+        cancelled or taken over meanwhile. A read: no commit."""
+        if not job_ids:
+            return set()
+        query = select(jobs.c.id).where(
+            jobs.c.id.in_(list(job_ids)),
+            jobs.c.lease_owner == owner,
+            jobs.c.state.in_((RUNNING, DELIVERING)),
+        )
+        with self._read() as db:
+            return set(db.execute(query).scalars())
+
+    def settle(self, owner: str, outcomes: Sequence[Settled]) -> set[int]:
+        """Records the delivery attempts of several jobs in one transaction (one commit for a group of results
+        sent together); each update holds only while ``owner`` still holds the job's lease. A job goes from
+        ``running`` (its first attempt, straight after the model) or ``delivering`` (a retry) to ``done``,
+        ``failed``, or ``delivering`` with the next attempt's time. Returns the ids updated."""
+        if not outcomes:
+            return set()
+        now = self.clock()
+        updated: set[int] = set()
+        with self._begin() as db:
+            for entry in outcomes:
+                values: dict[str, Any] = {
+                    "attempts": entry.attempts,
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                    "reason": entry.reason,
+                }
+                if entry.result_sop_instance_uid is not None:
+                    values["result_sop_instance_uid"] = entry.result_sop_instance_uid
+                    values["result_kind"] = entry.result_kind
+                if entry.outcome == DONE_OUTCOME:
+                    values.update(state=DONE, finished_at=now, next_attempt_at=None, reason=None)
+                elif entry.outcome == FAILED_OUTCOME:
+                    values.update(state=FAILED, finished_at=now, next_attempt_at=None)
+                elif entry.outcome == RETRY_OUTCOME:
+                    values.update(state=DELIVERING, next_attempt_at=entry.next_attempt_at)
+                    if entry.result_path is not None:
+                        values["result_path"] = entry.result_path
+                else:
+                    raise ValueError(f"unknown outcome {entry.outcome!r}")
+                result = db.execute(
+                    update(jobs)
+                    .where(
+                        jobs.c.id == entry.job_id,
+                        jobs.c.lease_owner == owner,
+                        jobs.c.state.in_((RUNNING, DELIVERING)),
+                    )
+                    .values(**values)
+                )
+                if int(result.rowcount) == 1:
+                    updated.add(entry.job_id)
+        return updated
+
     # -- API ------------------------------------------------------------------------------------------------
 
     def get(self, job_id: int) -> dict[str, Any] | None:
@@ -537,7 +637,7 @@ class JobStore:
             .join(instances, instances.c.id == jobs.c.instance_id)
             .where(jobs.c.id == job_id)
         )
-        with self._begin() as db:
+        with self._read() as db:
             row = db.execute(query).first()
         return None if row is None else dict(row._mapping)
 
@@ -564,7 +664,7 @@ class JobStore:
             query = query.where(jobs.c.study_instance_uid == study)
         if model is not None:
             query = query.where(jobs.c.model == model)
-        with self._begin() as db:
+        with self._read() as db:
             return [dict(row._mapping) for row in db.execute(query).all()]
 
     def requeue(self, job_id: int, from_states: Sequence[str]) -> bool:
@@ -612,7 +712,7 @@ class JobStore:
             .join(jobs, jobs.c.instance_id == instances.c.id)
             .where(jobs.c.id == job_id)
         )
-        with self._begin() as db:
+        with self._read() as db:
             path = db.execute(query).scalar()
         return path is not None and os.path.exists(path)
 
@@ -628,7 +728,7 @@ class JobStore:
             .order_by(instances.c.id)
             .limit(limit)
         )
-        with self._begin() as db:
+        with self._read() as db:
             return [(row.id, row.spool_path) for row in db.execute(query).all()]
 
     def forget_spool(self, instance_id: int, path: str) -> bool:
@@ -663,7 +763,7 @@ class JobStore:
             .where(jobs.c.result_path.is_not(None), jobs.c.state.in_(list(TERMINAL)))
             .limit(limit)
         )
-        with self._begin() as db:
+        with self._read() as db:
             return [(row.id, row.result_path) for row in db.execute(query).all()]
 
     def forget_result(self, job_id: int) -> None:
@@ -687,12 +787,12 @@ class JobStore:
 
     def counts(self) -> dict[str, int]:
         """Jobs by state (every state, zeros included)."""
-        with self._begin() as db:
+        with self._read() as db:
             rows = db.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
         found = {state: int(count) for state, count in rows}
         return {state: found.get(state, 0) for state in STATES}
 
     def oldest_queued_at(self) -> float | None:
         """Creation time of the oldest queued job (None when none is queued)."""
-        with self._begin() as db:
+        with self._read() as db:
             return db.execute(select(func.min(jobs.c.created_at)).where(jobs.c.state == QUEUED)).scalar()
