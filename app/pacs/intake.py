@@ -377,9 +377,8 @@ class Intake:
                     detail="the instance belongs to another study than the request's URL names",
                 )
                 continue
-            existed = self.spool.instance_path(found.sop_instance_uid).exists()
             try:
-                path = self.spool.write_instance(found.sop_instance_uid, data, sync_folder=False)
+                path, existed = self.spool.put_instance(found.sop_instance_uid, data, sync_folder=False)
             except SpoolFull as exc:
                 results[-1] = dataclasses.replace(
                     ids, failure_reason=OUT_OF_RESOURCES, detail=exc.strerror or "spool full"

@@ -272,7 +272,10 @@ class JobStore:
         except Exception as exc:  # an unknown driver, a bad option
             raise StoreError(f"cannot open the job store {safe_url(url)}: {type(exc).__name__}") from exc
         self._writer: threading.Lock | None = None
+        self._wal_path: str | None = None
         if self.dialect == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                self._wal_path = os.path.abspath(parsed.database) + "-wal"
             self._writer = threading.Lock()
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
@@ -296,7 +299,11 @@ class JobStore:
         self.engine.dispose()
 
     @contextlib.contextmanager
-    def _begin(self) -> Iterator[Connection]:
+    def _begin(self, *, durable: bool = True) -> Iterator[Connection]:
+        """A write transaction. ``durable=False`` (SQLite): its commit is not flushed to disk by itself
+        (``synchronous=NORMAL`` in WAL mode): it survives the process being killed, not a power cut, until
+        the next durable commit or ``sync()``. The job path's own transitions use it: losing one sends a job
+        a step back, to run or be delivered again (the result replaces itself: its UIDs are the same)."""
         if self._writer is None:
             with self.engine.begin() as connection:
                 yield connection
@@ -304,8 +311,28 @@ class JobStore:
         # SQLite: one transaction of this process at a time, queued on a lock. Left to SQLite, a BEGIN IMMEDIATE
         # that finds another thread's transaction open sleeps in its busy handler (1, 2, 5, 10, ... ms), long
         # after the other one committed: under load the job path spent most of its store time there.
-        with self._writer, self.engine.begin() as connection:
-            yield connection
+        with self._writer, self.engine.connect() as connection:
+            mode = "FULL" if durable else "NORMAL"
+            if connection.info.get("synchronous") != mode:
+                # set on the driver's connection outside any transaction; kept until changed
+                raw = connection.connection.dbapi_connection
+                assert raw is not None
+                raw.execute(f"PRAGMA synchronous={mode}")
+                connection.info["synchronous"] = mode
+            with connection.begin():
+                yield connection
+
+    def sync(self) -> None:
+        """Makes every commit so far durable, those of ``durable=False`` transactions included (SQLite: an fsync
+        of the write-ahead log, which holds them in order; other databases: nothing to do, every commit is
+        durable). Called before files are deleted on the strength of such commits."""
+        if self._wal_path is None or not os.path.exists(self._wal_path):
+            return
+        descriptor = os.open(self._wal_path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -357,42 +384,56 @@ class JobStore:
                 received_at=now,
             )
             .returning(instances.c.id)
-        )
+        ).first()
+        if inserted is not None:
+            # A new instance has no jobs yet: its jobs' ids come back from their inserts (fewer statements,
+            # each a round trip into the database).
+            ids = []
+            for job in new_jobs:
+                made = db.execute(
+                    self._insert(jobs)
+                    .values(**self._job_values(inserted.id, instance, job, now))
+                    .returning(jobs.c.id)
+                ).first()
+                if made is not None:
+                    ids.append(int(made.id))
+            return Recorded(int(inserted.id), sorted(ids), False, len(ids))
         row = db.execute(
             select(instances.c.id, instances.c.spool_path).where(
                 instances.c.sop_instance_uid == instance.sop_instance_uid
             )
         ).one()
-        known = inserted.first() is None  # RETURNING gives no row when the instance was there
-        if known and row.spool_path is None:
+        known = True  # RETURNING gave no row: the instance was there
+        if row.spool_path is None:
             # Sent again after its file was deleted: the new copy serves retries.
             db.execute(
                 update(instances).where(instances.c.id == row.id).values(spool_path=instance.spool_path)
             )
         before = db.execute(select(func.count()).where(jobs.c.instance_id == row.id)).scalar_one()
         for job in new_jobs:
-            finished = now if job.state in TERMINAL else None
-            db.execute(
-                self._insert(jobs).values(
-                    instance_id=row.id,
-                    sop_instance_uid=instance.sop_instance_uid,
-                    study_instance_uid=instance.study_instance_uid,
-                    series_instance_uid=instance.series_instance_uid,
-                    model=job.model,
-                    model_version=job.model_version,
-                    task=job.task,
-                    state=job.state,
-                    reason=job.reason,
-                    attempts=0,
-                    runs=0,
-                    created_at=now,
-                    finished_at=finished,
-                )
-            )
+            db.execute(self._insert(jobs).values(**self._job_values(row.id, instance, job, now)))
         ids = list(
             db.execute(select(jobs.c.id).where(jobs.c.instance_id == row.id).order_by(jobs.c.id)).scalars()
         )
         return Recorded(row.id, ids, known, len(ids) - before)
+
+    @staticmethod
+    def _job_values(instance_id: int, instance: InstanceRecord, job: NewJob, now: float) -> dict[str, Any]:
+        return {
+            "instance_id": instance_id,
+            "sop_instance_uid": instance.sop_instance_uid,
+            "study_instance_uid": instance.study_instance_uid,
+            "series_instance_uid": instance.series_instance_uid,
+            "model": job.model,
+            "model_version": job.model_version,
+            "task": job.task,
+            "state": job.state,
+            "reason": job.reason,
+            "attempts": 0,
+            "runs": 0,
+            "created_at": now,
+            "finished_at": now if job.state in TERMINAL else None,
+        }
 
     # -- workers --------------------------------------------------------------------------------------------
 
@@ -424,7 +465,7 @@ class JobStore:
         )
         claimed: list[Claimed] = []
         lease = {"lease_owner": owner, "lease_expires_at": now + lease_s}
-        with self._begin() as db:
+        with self._begin(durable=False) as db:
             rows = db.execute(query).all()
             to_run, to_deliver = [], []
             for row in rows:
@@ -477,7 +518,7 @@ class JobStore:
 
     def heartbeat(self, owner: str, lease_s: float) -> int:
         """Renews the leases of ``owner``'s jobs; returns how many it holds."""
-        with self._begin() as db:
+        with self._begin(durable=False) as db:
             result = db.execute(
                 update(jobs)
                 .where(jobs.c.lease_owner == owner, jobs.c.state.in_((RUNNING, DELIVERING)))
@@ -488,7 +529,7 @@ class JobStore:
     def release(self, owner: str) -> int:
         """Gives back ``owner``'s jobs (a clean shutdown): running ones are queued again, delivering ones wait
         for the next process. Returns how many."""
-        with self._begin() as db:
+        with self._begin(durable=False) as db:
             requeued = db.execute(
                 update(jobs)
                 .where(jobs.c.lease_owner == owner, jobs.c.state == RUNNING)
@@ -508,7 +549,7 @@ class JobStore:
         return int(requeued) + int(freed)
 
     def _leased_update(self, job_id: int, owner: str, states: Sequence[str], **values: Any) -> bool:
-        with self._begin() as db:
+        with self._begin(durable=False) as db:
             result = db.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.state.in_(list(states)))
@@ -594,7 +635,7 @@ class JobStore:
             return set()
         now = self.clock()
         updated: set[int] = set()
-        with self._begin() as db:
+        with self._begin(durable=False) as db:
             for entry in outcomes:
                 values: dict[str, Any] = {
                     "attempts": entry.attempts,
@@ -733,7 +774,7 @@ class JobStore:
 
     def forget_spool(self, instance_id: int, path: str) -> bool:
         """Marks an instance's file deleted, unless it was spooled again meanwhile (another path)."""
-        with self._begin() as db:
+        with self._begin(durable=False) as db:
             result = db.execute(
                 update(instances)
                 .where(instances.c.id == instance_id, instances.c.spool_path == path)
@@ -746,7 +787,7 @@ class JobStore:
         if not entries:
             return 0
         marked = 0
-        with self._begin() as db:
+        with self._begin(durable=False) as db:
             for instance_id, path in entries:
                 result = db.execute(
                     update(instances)
@@ -767,7 +808,7 @@ class JobStore:
             return [(row.id, row.result_path) for row in db.execute(query).all()]
 
     def forget_result(self, job_id: int) -> None:
-        with self._begin() as db:
+        with self._begin(durable=False) as db:
             db.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.state.in_(list(TERMINAL)))
@@ -778,7 +819,7 @@ class JobStore:
         """``forget_result`` for several jobs in one transaction."""
         if not job_ids:
             return
-        with self._begin() as db:
+        with self._begin(durable=False) as db:
             db.execute(
                 update(jobs)
                 .where(jobs.c.id.in_(list(job_ids)), jobs.c.state.in_(list(TERMINAL)))

@@ -328,10 +328,14 @@ class JobWorker:
         # One thread hop and one transaction per kind for everything due (a file is deleted before the store
         # forgets it: a crash in between leaves a record whose file is gone, which the next pass forgets).
         spooled = self.store.finished_spool(cutoff)
+        results = self.store.results_to_delete()
+        if spooled or results:
+            # The job states that let these files go are made durable first (the job path's transitions are
+            # not flushed one by one): a power cut can then no longer bring back a job that needs them.
+            self.store.sync()
         for _, path in spooled:
             self.spool.delete(path)
         self.store.forget_spools(spooled)
-        results = self.store.results_to_delete()
         for _, path in results:
             self.spool.delete(path)
         self.store.forget_results([job_id for job_id, _ in results])
