@@ -55,6 +55,9 @@ CANNOT_UNDERSTAND = 0xC000  # not DICOM, truncated, or missing the UIDs every in
 PROCESSING_FAILURE = 0x0110  # the store or the spool failed unexpectedly
 
 SOURCES = ("stow", "dimse", "pull")
+# Instances of one request recorded per transaction: one commit (fsync) for several, and the first jobs may
+# start before a long request has been spooled to the end.
+RECORD_CHUNK = 8
 
 
 class IntakeUnavailable(Exception):
@@ -380,8 +383,9 @@ class Intake:
         self, items: Sequence[bytes], source: str, *, study_instance_uid: str | None = None
     ) -> list[AcceptResult]:
         """Accepts several instances (e.g. the parts of one STOW-RS request) in one go: each is checked and
-        spooled on its own, then the spool folder is flushed once and all are recorded in one transaction,
-        so a request costs one database commit instead of one per instance. One result per item, in order.
+        spooled on its own, then the spool folder is flushed once and ``RECORD_CHUNK`` at a time are recorded
+        in one transaction, so a request costs a database commit per chunk instead of one per instance, and
+        the jobs of the first chunk start while the rest is spooled. One result per item, in order.
 
         Raises:
             IntakeUnavailable: models are still loading.
@@ -428,6 +432,9 @@ class Intake:
                 )
                 continue
             pending.append((len(results) - 1, found, path, existed, len(data)))
+            if len(pending) >= RECORD_CHUNK:  # recorded, the first jobs start while the rest is spooled
+                self._record(pending, results, source)
+                pending = []
         if pending:
             self._record(pending, results, source)
         for result in results:
