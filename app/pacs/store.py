@@ -12,9 +12,16 @@ Two tables (created at start when missing):
 Nothing identifying is stored: UIDs, model names, times, counts and reasons written by MedServe only (never
 patient names, IDs, dates, accession numbers or any other tag value).
 
-States: ``queued`` -> ``running`` (a process holds its lease) -> ``delivering`` (the result is spooled; a
-process holds the lease while it sends it, else it waits for ``next_attempt_at``) -> ``done``; or ``failed``
-(with a reason), ``skipped`` (no routing rule matched), ``cancelled`` (``DELETE /jobs/{id}``).
+States: ``queued`` -> ``running`` (a process holds its lease; it runs the model and makes the first delivery
+attempt) -> ``done``; through ``delivering`` when that attempt failed (the result is spooled; it waits for
+``next_attempt_at``, then a process holds the lease while it sends it again); or ``failed`` (with a reason),
+``skipped`` (no routing rule matched), ``cancelled`` (``DELETE /jobs/{id}``). ``settle`` records the outcomes
+of several attempts in one transaction.
+
+Durability on SQLite (WAL mode): the commits that accept instances and those of the API's cancel and retry are
+``fsync``ed (``synchronous=FULL``); the job path's transitions (``durable=False``: claims, leases, outcomes)
+are not flushed one by one (``synchronous=NORMAL``): they survive the process being killed, and a power cut
+may only send a job back a step. ``sync()`` flushes them before files are deleted on their strength.
 
 Claiming: ``claim`` takes jobs in one transaction: on PostgreSQL with ``SELECT ... FOR UPDATE SKIP LOCKED``,
 so several replicas share one queue and never take the same job; on SQLite every transaction is a single

@@ -189,3 +189,27 @@ def test_settle_records_a_group_of_attempts_in_one_call_for_the_jobs_still_held(
     assert store.settle("a", [Settled(retried, DONE_OUTCOME, 2)]) == set()  # no longer a's lease
     with pytest.raises(ValueError, match="unknown outcome"):
         store.settle("a", [Settled(done, "lost", 1)])
+
+
+def test_on_sqlite_only_acceptance_and_api_actions_are_flushed_by_their_commit(tmp_path: Path) -> None:
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+
+    def synchronous() -> int:  # the mode the last transaction left on the (one, reused) connection
+        with store.engine.connect() as db:
+            return int(db.exec_driver_sql("PRAGMA synchronous").scalar_one())
+
+    full, normal = 2, 1
+    (job_id,) = store.record(record("8.1"), [NewJob("m", "v1", "segmentation")]).job_ids
+    assert synchronous() == full
+    assert [job.id for job in store.claim("a", MODELS, 10, lease_s=60)] == [job_id]
+    assert synchronous() == normal
+    store.settle("a", [Settled(job_id, DONE_OUTCOME, 1, "9.1", "seg")])
+    assert synchronous() == normal
+    store.sync()  # flushes them: the write-ahead log is fsync'ed
+    # committed all the same: another store on the file sees them
+    other = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    assert (other.get(job_id) or {}).get("state") == DONE
+    assert store.requeue(job_id, [DONE])
+    assert synchronous() == full
+    other.close()
+    store.close()
