@@ -76,6 +76,7 @@ RESULT_SOP_CLASSES = {SEG: "1.2.840.10008.5.1.4.1.1.66.4", SR: "1.2.840.10008.5.
 IDLE_POLL_S = 1.0  # how often an idle worker looks for jobs other processes queued or retries that fell due
 CLEANUP_EVERY_S = 5.0
 CLAIM_COALESCE_S = 0.25  # how long a claim for fewer than a chunk of places waits while jobs are in hand
+CLAIM_INTERVAL_S = 0.05  # the shortest time between two claims while jobs are in hand
 DELIVERY_SENDERS = 2  # delivery attempts under way at once; results that come meanwhile go together next
 GROUP_MAX = 16  # most results in one delivery attempt (one STOW-RS request, one store commit)
 
@@ -270,9 +271,12 @@ class JobWorker:
             self._wake.clear()
             # With jobs in hand and few places free, claims wait (CLAIM_COALESCE_S at most) for more places, so
             # that one transaction takes several jobs rather than one per finished job.
+            # Likewise, while jobs are in hand, new jobs that come one by one (C-STOREs) are claimed together
+            # at most every CLAIM_INTERVAL_S, not each in a transaction of its own.
             since_claim = time.monotonic() - self._last_claim
-            if ready and 0 < free < self._claim_chunk and self._tasks and since_claim < CLAIM_COALESCE_S:
-                self._claim_later(CLAIM_COALESCE_S - since_claim)
+            wait_s = CLAIM_COALESCE_S if free < self._claim_chunk else CLAIM_INTERVAL_S
+            if ready and free > 0 and self._tasks and since_claim < wait_s:
+                self._claim_later(wait_s - since_claim)
             elif ready and free > 0:
                 self._last_claim = time.monotonic()
                 try:
