@@ -3,12 +3,12 @@
 Two transports, chosen by the settings:
 
 - ``MEDSERVE_PACS_URL`` (the archive's DICOMweb root, e.g. Orthanc's ``http://pacs:8042/dicom-web``; optional
-  ``MEDSERVE_PACS_USERNAME`` / ``MEDSERVE_PACS_PASSWORD`` for HTTP basic authentication): STOW-RS with
-  ``dicomweb-client`` (``StowDelivery``).
+  ``MEDSERVE_PACS_USERNAME`` / ``MEDSERVE_PACS_PASSWORD`` for HTTP basic authentication): STOW-RS
+  (``StowDelivery``; ``deliver_many`` sends several results of a study in one request).
 - ``MEDSERVE_DIMSE_DESTINATION`` (``AE@host:port``), for archives that speak DIMSE only: C-STORE with pynetdicom
   (``CStoreDelivery``), calling as ``MEDSERVE_DIMSE_AE_TITLE``.
 
-Each ``deliver(data)`` either returns (the archive holds the object) or raises one of the errors of
+Each ``deliver(result)`` either returns (the archive holds the object) or raises one of the errors of
 ``app.pacs.results``: ``PermanentDeliveryError`` when trying again cannot help (HTTP 4xx, a failed entry in the
 STOW response, DIMSE statuses such as 0xA9xx "data set does not match SOP class" or 0xC000-0xCFFF "cannot
 understand", an object the archive has no presentation context for), with the archive's reason;
@@ -26,17 +26,23 @@ import logging
 import random
 import re
 import threading
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pydicom
 import requests
-from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from app.pacs.results import PermanentDeliveryError, ResultObject, TransientDeliveryError, backoff_delay
+from app.pacs.results import (
+    DeliveryError,
+    PermanentDeliveryError,
+    ResultObject,
+    TransientDeliveryError,
+    backoff_delay,
+)
 from app.settings import Settings
 
 logger = logging.getLogger("medserve.pacs.delivery")
@@ -44,6 +50,12 @@ logger = logging.getLogger("medserve.pacs.delivery")
 # HTTP statuses that are worth trying again although they are 4xx (PS3.18 and RFC 9110 semantics).
 RETRIABLE_HTTP = frozenset({408, 425, 429})
 REASON_MAX = 300  # characters of an archive's answer kept in a reason
+GROUP_MAX_BYTES = 64 * 1024 * 1024  # most Part 10 bytes in one STOW-RS request of several results
+# DICOM JSON tags of a STOW-RS answer (PS3.18 table 10.5.3-1)
+FAILED_SOP_SEQUENCE = "00081198"
+REFERENCED_SOP_SEQUENCE = "00081199"
+REFERENCED_SOP_INSTANCE_UID = "00081155"
+FAILURE_REASON = "00081197"
 
 
 class Delivery(Protocol):
@@ -246,7 +258,13 @@ def is_transient_dimse_status(code: int) -> bool:
 
 
 class StowDelivery:
-    """STOW-RS to a DICOMweb root with ``dicomweb-client``; one ``requests`` session per thread."""
+    """STOW-RS to a DICOMweb root; one keep-alive ``requests`` session per thread.
+
+    The request is written here rather than by ``dicomweb-client``: the result's Part 10 bytes go into the
+    multipart body as they are (no parsing and re-encoding of the object), and ``deliver_many`` sends several
+    results of one study in one request. The answer is read per instance (``FailedSOPSequence``,
+    ``ReferencedSOPSequence``), so one refused part fails alone.
+    """
 
     def __init__(
         self,
@@ -264,53 +282,178 @@ class StowDelivery:
     def describe(self) -> str:
         return f"STOW-RS {self.url}"
 
-    def _client(self) -> DICOMwebClient:
-        client: DICOMwebClient | None = getattr(self._local, "client", None)
-        if client is None:
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
             session = requests.Session()
             session.auth = self.auth
-            client = DICOMwebClient(self.url, session=session, timeout=self.timeout_s)
-            client.set_http_retry_params(retry=False)  # RetryPolicy decides, across restarts
-            self._local.client = client
-        return client
+            session.trust_env = False  # no netrc or proxy look-up per request: the archive is configured here
+            self._local.session = session
+        return session
 
     def deliver(self, result: ResultObject) -> None:
         """One STOW-RS attempt to ``<url>/studies/<the source study>``."""
-        self.deliver_bytes(result.part10, result.study_instance_uid or None)
+        (error,) = self.deliver_many([result])
+        if error is not None:
+            raise error
 
     def deliver_bytes(self, data: bytes, study_instance_uid: str | None = None) -> None:
         """One STOW-RS attempt for Part 10 ``data`` (to its own study unless ``study_instance_uid`` is given)."""
         dataset = read_result(data)
         study = study_instance_uid or str(dataset.get("StudyInstanceUID", "")) or None
+        uid = str(dataset.get("SOPInstanceUID", ""))
+        (error,) = self._post(study, [(uid, data)])
+        if error is not None:
+            raise error
+
+    def deliver_many(self, results: Sequence[ResultObject]) -> list[DeliveryError | None]:
+        """One STOW-RS attempt for several results: one request per study (at most ``GROUP_MAX_BYTES`` each);
+        for each result, None when the archive stored it, else the error of that result alone."""
+        errors: list[DeliveryError | None] = [None] * len(results)
+        by_study: dict[str, list[int]] = {}
+        for index, result in enumerate(results):
+            if len(result.part10) < 132 or result.part10[128:132] != b"DICM":
+                errors[index] = PermanentDeliveryError("the result is not a readable DICOM object (no DICM)")
+                continue
+            by_study.setdefault(result.study_instance_uid, []).append(index)
+        for study, indexes in by_study.items():
+            chunk: list[int] = []
+            size = 0
+            for index in [*indexes, -1]:
+                part = len(results[index].part10) if index >= 0 else 0
+                if chunk and (index < 0 or size + part > GROUP_MAX_BYTES):
+                    parts = [(results[i].sop_instance_uid, results[i].part10) for i in chunk]
+                    for i, error in zip(chunk, self._post(study or None, parts), strict=True):
+                        errors[i] = error
+                    chunk, size = [], 0
+                if index >= 0:
+                    chunk.append(index)
+                    size += part
+        return errors
+
+    def _post(self, study: str | None, parts: Sequence[tuple[str, bytes]]) -> list[DeliveryError | None]:
+        """One STOW-RS request of ``parts`` ((SOP Instance UID, Part 10 bytes)); an outcome per part."""
+        boundary = uuid.uuid4().hex
+        body = bytearray()
+        for _, data in parts:
+            body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            body += data
+            body += b"\r\n"
+        body += f"--{boundary}--\r\n".encode()
+        url = f"{self.url}/studies/{study}" if study else f"{self.url}/studies"
+        headers = {
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json, application/json",
+        }
         try:
-            answer = self._client().store_instances([dataset], study_instance_uid=study)
-        except requests.HTTPError as exc:
-            response = exc.response
-            if response is None:
-                raise TransientDeliveryError(
-                    f"STOW-RS failed without an answer ({type(exc).__name__})"
-                ) from exc
-            reason = "STOW-RS answered " + _http_reason(response)
-            if response.status_code >= 500 or response.status_code in RETRIABLE_HTTP:
-                raise TransientDeliveryError(reason) from exc
-            raise PermanentDeliveryError(reason) from exc
-        except requests.Timeout as exc:
-            raise TransientDeliveryError(f"the archive did not answer within {self.timeout_s:g} s") from exc
+            response = self._session().post(url, data=bytes(body), headers=headers, timeout=self.timeout_s)
+        except requests.Timeout:
+            error: DeliveryError = TransientDeliveryError(
+                f"the archive did not answer within {self.timeout_s:g} s"
+            )
+            return [error] * len(parts)
         except requests.ConnectionError as exc:
-            raise TransientDeliveryError(
+            error = TransientDeliveryError(
                 f"cannot reach the archive at {self.url} ({_connection_reason(exc)})"
-            ) from exc
+            )
+            return [error] * len(parts)
         except requests.RequestException as exc:
-            raise TransientDeliveryError(f"STOW-RS to {self.url} failed ({type(exc).__name__})") from exc
-        except ValueError as exc:  # dicomweb-client: an answer of an unexpected media type
-            raise TransientDeliveryError(f"the archive's answer could not be read ({exc})") from exc
-        failures = [item for item in answer.get("FailedSOPSequence", []) or []]
-        if failures:
-            reason = "STOW-RS answered " + describe_failures(answer)
-            codes = [int(item.get("FailureReason", 0x0110)) for item in failures]
-            if all(is_transient_dimse_status(code) for code in codes):
-                raise TransientDeliveryError(reason)
-            raise PermanentDeliveryError(reason)
+            error = TransientDeliveryError(f"STOW-RS to {self.url} failed ({type(exc).__name__})")
+            return [error] * len(parts)
+        return stow_outcomes(response, [uid for uid, _ in parts])
+
+
+def _stow_answer(response: requests.Response) -> dict[str, Any]:
+    if not response.content:
+        return {}
+    try:
+        payload = response.json()
+    except ValueError:
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
+def _sequence_items(payload: dict[str, Any], tag: str) -> list[dict[str, Any]]:
+    element = payload.get(tag)
+    items = element.get("Value") if isinstance(element, dict) else None
+    return [item for item in items or [] if isinstance(item, dict)]
+
+
+def _first_value(item: dict[str, Any], tag: str) -> Any:
+    element = item.get(tag)
+    values = element.get("Value") if isinstance(element, dict) else None
+    return values[0] if isinstance(values, list) and values else None
+
+
+def _failure_code(item: dict[str, Any]) -> int | None:
+    try:
+        value = _first_value(item, FAILURE_REASON)
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _failure_text(uid: str, code: int | None) -> str:
+    shown = f"0x{code:04X}" if code is not None else "no reason given"
+    return f"{uid or '?'} failed ({shown}: {stow_failure_meaning(code)})"
+
+
+def _failure_error(prefix: str, entries: Sequence[tuple[str, int | None]]) -> DeliveryError:
+    reason = _short(prefix + "; ".join(_failure_text(uid, code) for uid, code in entries))
+    codes = [0x0110 if code is None else code for _, code in entries]
+    if all(is_transient_dimse_status(code) for code in codes):
+        return TransientDeliveryError(reason)
+    return PermanentDeliveryError(reason)
+
+
+def stow_outcomes(response: requests.Response, uids: Sequence[str]) -> list[DeliveryError | None]:
+    """What a STOW-RS answer says of each instance sent (by SOP Instance UID): None when stored, else the error.
+
+    An error status (4xx, 5xx) decides for every instance the answer does not list as stored: 5xx, 408, 425 and
+    429 are transient, any other 4xx permanent, with the archive's reason (the instance's own
+    ``FailedSOPSequence`` entry when it has one). In a 2xx answer, an instance listed in ``FailedSOPSequence``
+    failed with its ``FailureReason`` (transient when every code is out of resources or a resource limit, else
+    permanent), failures that name no instance sent apply to every instance not listed as stored, and the
+    others were stored.
+    """
+    payload = _stow_answer(response)
+    failed: dict[str, int | None] = {}
+    for item in _sequence_items(payload, FAILED_SOP_SEQUENCE):
+        failed[str(_first_value(item, REFERENCED_SOP_INSTANCE_UID) or "")] = _failure_code(item)
+    referenced_items = _sequence_items(payload, REFERENCED_SOP_SEQUENCE)
+    referenced = {str(_first_value(item, REFERENCED_SOP_INSTANCE_UID) or "") for item in referenced_items}
+    sent = set(uids)
+    unmatched = [(uid, code) for uid, code in failed.items() if uid not in sent]
+    status = response.status_code
+    ok = 200 <= status < 300
+    http_text = f"HTTP {status} {response.reason or ''}".strip()
+    outcomes: list[DeliveryError | None] = []
+    transient_status = status >= 500 or status in RETRIABLE_HTTP
+    for uid in uids:
+        if uid in failed and ok:
+            outcomes.append(_failure_error("STOW-RS answered ", [(uid, failed[uid])]))
+        elif uid in failed:  # an error status: it decides, the entry says why
+            reason = _short(f"STOW-RS answered {http_text}: {_failure_text(uid, failed[uid])}")
+            outcomes.append(
+                TransientDeliveryError(reason) if transient_status else PermanentDeliveryError(reason)
+            )
+        elif uid in referenced:
+            outcomes.append(None)
+        elif unmatched and ok:
+            outcomes.append(_failure_error("STOW-RS answered ", unmatched))
+        elif ok:
+            # stored, unless the answer lists what it stored and this instance is not among them
+            outcomes.append(
+                None
+                if not referenced_items
+                else TransientDeliveryError(f"STOW-RS answered {http_text} without a word on {uid}")
+            )
+        else:
+            reason = "STOW-RS answered " + _http_reason(response)
+            outcomes.append(
+                TransientDeliveryError(reason) if transient_status else PermanentDeliveryError(reason)
+            )
+    return outcomes
 
 
 def _connection_reason(exc: requests.ConnectionError) -> str:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Protocol
 
 import pydicom
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -54,6 +55,9 @@ CANNOT_UNDERSTAND = 0xC000  # not DICOM, truncated, or missing the UIDs every in
 PROCESSING_FAILURE = 0x0110  # the store or the spool failed unexpectedly
 
 SOURCES = ("stow", "dimse", "pull")
+# Instances of one request recorded per transaction: one commit (fsync) for several, and the first jobs may
+# start before a long request has been spooled to the end.
+RECORD_CHUNK = 8
 
 
 class IntakeUnavailable(Exception):
@@ -189,6 +193,41 @@ def _check_complete(ds: Dataset, data: bytes) -> None:
             )
 
 
+# Bytes per value of the binary VRs: a value whose length is not a multiple cannot be converted.
+_VALUE_SIZES = {
+    "AT": 4, "FD": 8, "FL": 4, "OD": 8, "OF": 4, "OL": 4, "OV": 8, "OW": 2,
+    "SL": 4, "SS": 2, "SV": 8, "UL": 4, "US": 2, "UV": 8,
+}  # fmt: skip
+
+
+def _check_values(ds: Dataset) -> None:
+    """Raises ``InstanceError`` for an element whose value cannot be converted (a binary value of a length its
+    VR cannot have), in the data set and its sequences.
+
+    The values themselves are not converted: that took most of an instance's acceptance time (a few ms of
+    the GIL per instance, a multiple of that when the model's threads compete for it). Text values are
+    decoded leniently anyway, and the elements acceptance needs (UIDs, routing attributes) are converted and
+    checked by their readers.
+    """
+    for tag in list(ds.keys()):  # the raw elements, not converted as iterating the data set would
+        element = ds.get_item(tag)
+        if isinstance(element, RawDataElement):
+            if element.value is None or element.length == _UNDEFINED_LENGTH:
+                continue
+            vr = element.VR
+            if vr is None:  # implicit VR: the dictionary's
+                try:
+                    vr = dictionary_VR(element.tag)
+                except KeyError:  # a private or unknown element: kept as bytes
+                    continue
+            size = _VALUE_SIZES.get(vr)
+            if size and len(element.value) % size:
+                raise InstanceError("the instance cannot be parsed (a damaged element)")
+        elif element.VR == "SQ":
+            for item in element.value or []:
+                _check_values(item)
+
+
 def inspect_instance(data: bytes) -> Inspected:
     """Parses DICOM Part 10 bytes far enough to accept them: UIDs, routing attributes, completeness.
 
@@ -203,8 +242,9 @@ def inspect_instance(data: bytes) -> Inspected:
         raise InstanceError("the instance cannot be parsed (corrupt DICOM)") from exc
     _check_complete(ds, data)
     try:
-        for _element in ds.iterall():  # converts every value now: damage is found here, not in the worker
-            pass
+        _check_values(ds)  # damage is found here, not in the worker
+    except InstanceError:
+        raise
     except Exception as exc:
         raise InstanceError("the instance cannot be parsed (a damaged element)") from exc
     meta = getattr(ds, "file_meta", None)
@@ -343,8 +383,9 @@ class Intake:
         self, items: Sequence[bytes], source: str, *, study_instance_uid: str | None = None
     ) -> list[AcceptResult]:
         """Accepts several instances (e.g. the parts of one STOW-RS request) in one go: each is checked and
-        spooled on its own, then the spool folder is flushed once and all are recorded in one transaction,
-        so a request costs one database commit instead of one per instance. One result per item, in order.
+        spooled on its own, then the spool folder is flushed once and ``RECORD_CHUNK`` at a time are recorded
+        in one transaction, so a request costs a database commit per chunk instead of one per instance, and
+        the jobs of the first chunk start while the rest is spooled. One result per item, in order.
 
         Raises:
             IntakeUnavailable: models are still loading.
@@ -377,9 +418,8 @@ class Intake:
                     detail="the instance belongs to another study than the request's URL names",
                 )
                 continue
-            existed = self.spool.instance_path(found.sop_instance_uid).exists()
             try:
-                path = self.spool.write_instance(found.sop_instance_uid, data, sync_folder=False)
+                path, existed = self.spool.put_instance(found.sop_instance_uid, data, sync_folder=False)
             except SpoolFull as exc:
                 results[-1] = dataclasses.replace(
                     ids, failure_reason=OUT_OF_RESOURCES, detail=exc.strerror or "spool full"
@@ -392,6 +432,9 @@ class Intake:
                 )
                 continue
             pending.append((len(results) - 1, found, path, existed, len(data)))
+            if len(pending) >= RECORD_CHUNK:  # recorded, the first jobs start while the rest is spooled
+                self._record(pending, results, source)
+                pending = []
         if pending:
             self._record(pending, results, source)
         for result in results:

@@ -17,6 +17,9 @@ A sink makes ONE attempt per call and says how it failed:
 Retries are the worker's business, not the sink's: the job store records attempts and the next attempt time,
 so a result waiting for a retry survives a restart of the service.
 
+A sink may also have ``deliver_many(results) -> list[DeliveryError | None]``: one attempt for several results
+at once (one outcome each); ``deliver_all`` uses it when it is there.
+
 Sinks: ``FolderSink`` here (writes each object as a file and appends one line per delivery to a log: the demo
 and the tests use it); ``app.pacs.delivery`` (STOW-RS to ``MEDSERVE_PACS_URL``, C-STORE to
 ``MEDSERVE_DIMSE_DESTINATION``) implements the same protocol. ``select_sink`` picks the sink of the settings.
@@ -28,6 +31,7 @@ import os
 import random
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol, runtime_checkable
@@ -92,6 +96,27 @@ class ResultSink(Protocol):
             TransientDeliveryError: try again later.
         """
         ...
+
+
+def deliver_all(sink: ResultSink, results: Sequence[ResultObject]) -> list[Exception | None]:
+    """One delivery attempt for each of ``results``: None for a result delivered, else the exception of that
+    result alone. A sink with ``deliver_many(results)`` (``app.pacs.delivery.StowDelivery``: one STOW-RS request
+    for several results) gets them all at once; any other gets one ``deliver`` call per result."""
+    many = getattr(sink, "deliver_many", None)
+    if many is not None and len(results) > 1:
+        try:
+            return list(many(results))
+        except Exception as exc:  # counts for every result of the group
+            return [exc] * len(results)
+    outcomes: list[Exception | None] = []
+    for result in results:
+        try:
+            sink.deliver(result)
+        except Exception as exc:
+            outcomes.append(exc)
+        else:
+            outcomes.append(None)
+    return outcomes
 
 
 class FolderSink:

@@ -74,6 +74,7 @@ class PacsService:
         """Stops the worker (the jobs in hand go back to the queue), then closes the store."""
         await self.worker.stop()
         await asyncio.to_thread(self.store.close)
+        self.spool.close()
 
 
 def open_pacs(

@@ -14,6 +14,7 @@ process (started from what is on disk), so replicas sharing one folder each appl
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import re
@@ -34,12 +35,9 @@ class SpoolFull(OSError):
     """The spool has no room for this file (its limit or the disk); nothing was written."""
 
 
-def _fsync_folder(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+# A temporary name no other writer uses (replicas may share the folder): a token of this process, a counter.
+_PROCESS_TOKEN = uuid.uuid4().hex[:16]
+_TEMPORARY_NAMES = itertools.count()
 
 
 class Spool:
@@ -59,6 +57,9 @@ class Spool:
             folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._used = 0
+        # The folders stay open: fsync of a folder is one system call, not open + fsync + close (each a release
+        # and a re-take of the GIL, which costs most when the model's threads keep it busy).
+        self._folder_fds: dict[Path, int] = {}
         for folder in (self.instances, self.results):
             for entry in os.scandir(folder):
                 if entry.name.endswith(_TEMPORARY_SUFFIX):  # a crash in the middle of a write
@@ -84,8 +85,31 @@ class Spool:
     def result_path(self, job_id: int) -> Path:
         return self.results / f"{int(job_id)}.dcm"
 
+    def _fsync(self, folder: Path) -> None:
+        descriptor = self._folder_fds.get(folder)
+        if descriptor is None:
+            with self._lock:
+                descriptor = self._folder_fds.get(folder)
+                if descriptor is None:
+                    descriptor = self._folder_fds[folder] = os.open(folder, os.O_RDONLY)
+        os.fsync(descriptor)
+
+    def close(self) -> None:
+        """Closes the folders kept open (the spool still works afterwards: they are opened again)."""
+        with self._lock:
+            descriptors, self._folder_fds = list(self._folder_fds.values()), {}
+        for descriptor in descriptors:
+            os.close(descriptor)
+
     def write_instance(self, sop_instance_uid: str, data: bytes, *, sync_folder: bool = True) -> Path:
-        """Writes a received instance durably (replacing an earlier copy of the same UID atomically).
+        """Writes a received instance durably (replacing an earlier copy of the same UID atomically); raises
+        as ``put_instance``."""
+        return self.put_instance(sop_instance_uid, data, sync_folder=sync_folder)[0]
+
+    def put_instance(
+        self, sop_instance_uid: str, data: bytes, *, sync_folder: bool = True
+    ) -> tuple[Path, bool]:
+        """``write_instance``, also saying whether an earlier copy was there (one look at the disk for both).
 
         ``sync_folder=False`` leaves the folder's fsync to the caller (``sync_instances``, once for several
         files): the rename is durable only after it.
@@ -97,7 +121,10 @@ class Spool:
         target = self.instance_path(sop_instance_uid)
         size = len(data)
         with self._lock:
-            previous = target.stat().st_size if target.exists() else 0
+            try:
+                previous, existed = os.stat(target).st_size, True
+            except FileNotFoundError:
+                previous, existed = 0, False
             if self.max_bytes and self._used - previous + size > self.max_bytes:
                 raise SpoolFull(
                     errno.ENOSPC,
@@ -112,7 +139,7 @@ class Spool:
             with self._lock:
                 self._used -= size - previous
             raise
-        return target
+        return target, existed
 
     def write_result(self, job_id: int, data: bytes) -> Path:
         """Writes a job's result durably (results do not count against ``max_bytes``).
@@ -126,18 +153,24 @@ class Spool:
 
     def sync_instances(self) -> None:
         """Makes the renames of ``write_instance(..., sync_folder=False)`` durable (fsync of the folder)."""
-        _fsync_folder(self.instances)
+        self._fsync(self.instances)
 
     def _write(self, target: Path, data: bytes, *, sync_folder: bool = True) -> None:
-        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}{_TEMPORARY_SUFFIX}")
+        temporary = target.with_name(
+            f".{target.name}.{_PROCESS_TOKEN}.{next(_TEMPORARY_NAMES)}{_TEMPORARY_SUFFIX}"
+        )
         try:
-            with open(temporary, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(descriptor, view) :]
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
             os.replace(temporary, target)
             if sync_folder:
-                _fsync_folder(target.parent)
+                self._fsync(target.parent)
         except OSError as exc:
             temporary.unlink(missing_ok=True)
             if exc.errno in _DISK_FULL:

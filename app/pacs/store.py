@@ -12,9 +12,16 @@ Two tables (created at start when missing):
 Nothing identifying is stored: UIDs, model names, times, counts and reasons written by MedServe only (never
 patient names, IDs, dates, accession numbers or any other tag value).
 
-States: ``queued`` -> ``running`` (a process holds its lease) -> ``delivering`` (the result is spooled; a
-process holds the lease while it sends it, else it waits for ``next_attempt_at``) -> ``done``; or ``failed``
-(with a reason), ``skipped`` (no routing rule matched), ``cancelled`` (``DELETE /jobs/{id}``).
+States: ``queued`` -> ``running`` (a process holds its lease; it runs the model and makes the first delivery
+attempt) -> ``done``; through ``delivering`` when that attempt failed (the result is spooled; it waits for
+``next_attempt_at``, then a process holds the lease while it sends it again); or ``failed`` (with a reason),
+``skipped`` (no routing rule matched), ``cancelled`` (``DELETE /jobs/{id}``). ``settle`` records the outcomes
+of several attempts in one transaction.
+
+Durability on SQLite (WAL mode): the commits that accept instances and those of the API's cancel and retry are
+``fsync``ed (``synchronous=FULL``); the job path's transitions (``durable=False``: claims, leases, outcomes)
+are not flushed one by one (``synchronous=NORMAL``): they survive the process being killed, and a power cut
+may only send a job back a step. ``sync()`` flushes them before files are deleted on their strength.
 
 Claiming: ``claim`` takes jobs in one transaction: on PostgreSQL with ``SELECT ... FOR UPDATE SKIP LOCKED``,
 so several replicas share one queue and never take the same job; on SQLite every transaction is a single
@@ -202,6 +209,28 @@ class Claimed:
     created_at: float
 
 
+@dataclass(frozen=True)
+class Settled:
+    """The outcome of one delivery attempt of a job, for ``JobStore.settle``.
+
+    ``outcome``: ``done`` (delivered), ``failed`` (with ``reason``) or ``retry`` (attempt again at
+    ``next_attempt_at``, with ``reason``; ``result_path`` names the spooled result when the job comes from
+    ``running``). ``result_sop_instance_uid`` / ``result_kind``: the result's UID and kind.
+    """
+
+    job_id: int
+    outcome: str
+    attempts: int
+    result_sop_instance_uid: str | None = None
+    result_kind: str | None = None
+    reason: str | None = None
+    next_attempt_at: float | None = None
+    result_path: str | None = None
+
+
+DONE_OUTCOME, FAILED_OUTCOME, RETRY_OUTCOME = "done", "failed", "retry"
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # The driver's own transaction handling off: SQLAlchemy's "begin" event issues BEGIN IMMEDIATE instead.
     dbapi_connection.isolation_level = None
@@ -213,8 +242,14 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+READ_ONLY = "medserve_read_only"  # execution option: a read transaction (SQLite: a deferred BEGIN, no lock)
+
+
 def _sqlite_begin(connection: Connection) -> None:
-    connection.exec_driver_sql("BEGIN IMMEDIATE")  # one writer at a time, taken at the start
+    if connection.get_execution_options().get(READ_ONLY):
+        connection.exec_driver_sql("BEGIN")  # a reader: sees the last commit, never waits for a writer (WAL)
+    else:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")  # one writer at a time, taken at the start
 
 
 class JobStore:
@@ -244,7 +279,10 @@ class JobStore:
         except Exception as exc:  # an unknown driver, a bad option
             raise StoreError(f"cannot open the job store {safe_url(url)}: {type(exc).__name__}") from exc
         self._writer: threading.Lock | None = None
+        self._wal_path: str | None = None
         if self.dialect == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                self._wal_path = os.path.abspath(parsed.database) + "-wal"
             self._writer = threading.Lock()
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
@@ -268,7 +306,11 @@ class JobStore:
         self.engine.dispose()
 
     @contextlib.contextmanager
-    def _begin(self) -> Iterator[Connection]:
+    def _begin(self, *, durable: bool = True) -> Iterator[Connection]:
+        """A write transaction. ``durable=False`` (SQLite): its commit is not flushed to disk by itself
+        (``synchronous=NORMAL`` in WAL mode): it survives the process being killed, not a power cut, until
+        the next durable commit or ``sync()``. The job path's own transitions use it: losing one sends a job
+        a step back, to run or be delivered again (the result replaces itself: its UIDs are the same)."""
         if self._writer is None:
             with self.engine.begin() as connection:
                 yield connection
@@ -276,7 +318,38 @@ class JobStore:
         # SQLite: one transaction of this process at a time, queued on a lock. Left to SQLite, a BEGIN IMMEDIATE
         # that finds another thread's transaction open sleeps in its busy handler (1, 2, 5, 10, ... ms), long
         # after the other one committed: under load the job path spent most of its store time there.
-        with self._writer, self.engine.begin() as connection:
+        with self._writer, self.engine.connect() as connection:
+            mode = "FULL" if durable else "NORMAL"
+            if connection.info.get("synchronous") != mode:
+                # set on the driver's connection outside any transaction; kept until changed
+                raw = connection.connection.dbapi_connection
+                assert raw is not None
+                raw.execute(f"PRAGMA synchronous={mode}")
+                connection.info["synchronous"] = mode
+            with connection.begin():
+                yield connection
+
+    def sync(self) -> None:
+        """Makes every commit so far durable, those of ``durable=False`` transactions included (SQLite: an fsync
+        of the write-ahead log, which holds them in order; other databases: nothing to do, every commit is
+        durable). Called before files are deleted on the strength of such commits."""
+        if self._wal_path is None or not os.path.exists(self._wal_path):
+            return
+        descriptor = os.open(self._wal_path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A read-only transaction: on SQLite neither the process's writer lock nor SQLite's (WAL readers run
+        beside the writer), so the API and the metrics never queue behind the job path's commits."""
+        if self._writer is None:
+            with self.engine.begin() as connection:
+                yield connection
+            return
+        with self.engine.connect().execution_options(**{READ_ONLY: True}) as connection, connection.begin():
             yield connection
 
     def _insert(self, table: Table) -> Any:
@@ -318,42 +391,56 @@ class JobStore:
                 received_at=now,
             )
             .returning(instances.c.id)
-        )
+        ).first()
+        if inserted is not None:
+            # A new instance has no jobs yet: its jobs' ids come back from their inserts (fewer statements,
+            # each a round trip into the database).
+            ids = []
+            for job in new_jobs:
+                made = db.execute(
+                    self._insert(jobs)
+                    .values(**self._job_values(inserted.id, instance, job, now))
+                    .returning(jobs.c.id)
+                ).first()
+                if made is not None:
+                    ids.append(int(made.id))
+            return Recorded(int(inserted.id), sorted(ids), False, len(ids))
         row = db.execute(
             select(instances.c.id, instances.c.spool_path).where(
                 instances.c.sop_instance_uid == instance.sop_instance_uid
             )
         ).one()
-        known = inserted.first() is None  # RETURNING gives no row when the instance was there
-        if known and row.spool_path is None:
+        known = True  # RETURNING gave no row: the instance was there
+        if row.spool_path is None:
             # Sent again after its file was deleted: the new copy serves retries.
             db.execute(
                 update(instances).where(instances.c.id == row.id).values(spool_path=instance.spool_path)
             )
         before = db.execute(select(func.count()).where(jobs.c.instance_id == row.id)).scalar_one()
         for job in new_jobs:
-            finished = now if job.state in TERMINAL else None
-            db.execute(
-                self._insert(jobs).values(
-                    instance_id=row.id,
-                    sop_instance_uid=instance.sop_instance_uid,
-                    study_instance_uid=instance.study_instance_uid,
-                    series_instance_uid=instance.series_instance_uid,
-                    model=job.model,
-                    model_version=job.model_version,
-                    task=job.task,
-                    state=job.state,
-                    reason=job.reason,
-                    attempts=0,
-                    runs=0,
-                    created_at=now,
-                    finished_at=finished,
-                )
-            )
+            db.execute(self._insert(jobs).values(**self._job_values(row.id, instance, job, now)))
         ids = list(
             db.execute(select(jobs.c.id).where(jobs.c.instance_id == row.id).order_by(jobs.c.id)).scalars()
         )
         return Recorded(row.id, ids, known, len(ids) - before)
+
+    @staticmethod
+    def _job_values(instance_id: int, instance: InstanceRecord, job: NewJob, now: float) -> dict[str, Any]:
+        return {
+            "instance_id": instance_id,
+            "sop_instance_uid": instance.sop_instance_uid,
+            "study_instance_uid": instance.study_instance_uid,
+            "series_instance_uid": instance.series_instance_uid,
+            "model": job.model,
+            "model_version": job.model_version,
+            "task": job.task,
+            "state": job.state,
+            "reason": job.reason,
+            "attempts": 0,
+            "runs": 0,
+            "created_at": now,
+            "finished_at": now if job.state in TERMINAL else None,
+        }
 
     # -- workers --------------------------------------------------------------------------------------------
 
@@ -384,37 +471,33 @@ class JobStore:
             .with_for_update(skip_locked=True, of=jobs)
         )
         claimed: list[Claimed] = []
-        with self._begin() as db:
-            for row in db.execute(query).all():
-                lease = {"lease_owner": owner, "lease_expires_at": now + lease_s}
+        lease = {"lease_owner": owner, "lease_expires_at": now + lease_s}
+        with self._begin(durable=False) as db:
+            rows = db.execute(query).all()
+            to_run, to_deliver = [], []
+            for row in rows:
                 if row.state == DELIVERING:
-                    phase = "deliver"
-                    db.execute(update(jobs).where(jobs.c.id == row.id).values(**lease))
-                else:
-                    if row.runs >= MAX_RUNS:  # its process died that many times while running it
-                        db.execute(
-                            update(jobs)
-                            .where(jobs.c.id == row.id)
-                            .values(
-                                state=FAILED,
-                                reason=f"the service stopped {row.runs} times while running this job; "
-                                "see the service log",
-                                finished_at=now,
-                                lease_owner=None,
-                                lease_expires_at=None,
-                            )
-                        )
-                        continue
-                    phase = "run"
+                    to_deliver.append(row.id)
+                elif row.runs >= MAX_RUNS:  # its process died that many times while running it
                     db.execute(
                         update(jobs)
                         .where(jobs.c.id == row.id)
-                        .values(state=RUNNING, started_at=now, runs=row.runs + 1, **lease)
+                        .values(
+                            state=FAILED,
+                            reason=f"the service stopped {row.runs} times while running this job; "
+                            "see the service log",
+                            finished_at=now,
+                            lease_owner=None,
+                            lease_expires_at=None,
+                        )
                     )
+                    continue
+                else:
+                    to_run.append(row.id)
                 claimed.append(
                     Claimed(
                         id=row.id,
-                        phase=phase,
+                        phase="deliver" if row.state == DELIVERING else "run",
                         model=row.model,
                         model_version=row.model_version,
                         task=row.task,
@@ -429,11 +512,20 @@ class JobStore:
                         created_at=row.created_at,
                     )
                 )
+            # One statement per kind for all the jobs taken (marked running in the claim itself).
+            if to_run:
+                db.execute(
+                    update(jobs)
+                    .where(jobs.c.id.in_(to_run))
+                    .values(state=RUNNING, started_at=now, runs=jobs.c.runs + 1, **lease)
+                )
+            if to_deliver:
+                db.execute(update(jobs).where(jobs.c.id.in_(to_deliver)).values(**lease))
         return claimed
 
     def heartbeat(self, owner: str, lease_s: float) -> int:
         """Renews the leases of ``owner``'s jobs; returns how many it holds."""
-        with self._begin() as db:
+        with self._begin(durable=False) as db:
             result = db.execute(
                 update(jobs)
                 .where(jobs.c.lease_owner == owner, jobs.c.state.in_((RUNNING, DELIVERING)))
@@ -444,7 +536,7 @@ class JobStore:
     def release(self, owner: str) -> int:
         """Gives back ``owner``'s jobs (a clean shutdown): running ones are queued again, delivering ones wait
         for the next process. Returns how many."""
-        with self._begin() as db:
+        with self._begin(durable=False) as db:
             requeued = db.execute(
                 update(jobs)
                 .where(jobs.c.lease_owner == owner, jobs.c.state == RUNNING)
@@ -464,7 +556,7 @@ class JobStore:
         return int(requeued) + int(freed)
 
     def _leased_update(self, job_id: int, owner: str, states: Sequence[str], **values: Any) -> bool:
-        with self._begin() as db:
+        with self._begin(durable=False) as db:
             result = db.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.state.in_(list(states)))
@@ -528,6 +620,62 @@ class JobStore:
             values["attempts"] = attempts
         return self._leased_update(job_id, owner, [RUNNING, DELIVERING], **values)
 
+    def held(self, job_ids: Sequence[int], owner: str) -> set[int]:
+        """Which of ``job_ids`` are still ``owner``'s (running or delivering under its lease): the others were
+        cancelled or taken over meanwhile. A read: no commit."""
+        if not job_ids:
+            return set()
+        query = select(jobs.c.id).where(
+            jobs.c.id.in_(list(job_ids)),
+            jobs.c.lease_owner == owner,
+            jobs.c.state.in_((RUNNING, DELIVERING)),
+        )
+        with self._read() as db:
+            return set(db.execute(query).scalars())
+
+    def settle(self, owner: str, outcomes: Sequence[Settled]) -> set[int]:
+        """Records the delivery attempts of several jobs in one transaction (one commit for a group of results
+        sent together); each update holds only while ``owner`` still holds the job's lease. A job goes from
+        ``running`` (its first attempt, straight after the model) or ``delivering`` (a retry) to ``done``,
+        ``failed``, or ``delivering`` with the next attempt's time. Returns the ids updated."""
+        if not outcomes:
+            return set()
+        now = self.clock()
+        updated: set[int] = set()
+        with self._begin(durable=False) as db:
+            for entry in outcomes:
+                values: dict[str, Any] = {
+                    "attempts": entry.attempts,
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                    "reason": entry.reason,
+                }
+                if entry.result_sop_instance_uid is not None:
+                    values["result_sop_instance_uid"] = entry.result_sop_instance_uid
+                    values["result_kind"] = entry.result_kind
+                if entry.outcome == DONE_OUTCOME:
+                    values.update(state=DONE, finished_at=now, next_attempt_at=None, reason=None)
+                elif entry.outcome == FAILED_OUTCOME:
+                    values.update(state=FAILED, finished_at=now, next_attempt_at=None)
+                elif entry.outcome == RETRY_OUTCOME:
+                    values.update(state=DELIVERING, next_attempt_at=entry.next_attempt_at)
+                    if entry.result_path is not None:
+                        values["result_path"] = entry.result_path
+                else:
+                    raise ValueError(f"unknown outcome {entry.outcome!r}")
+                result = db.execute(
+                    update(jobs)
+                    .where(
+                        jobs.c.id == entry.job_id,
+                        jobs.c.lease_owner == owner,
+                        jobs.c.state.in_((RUNNING, DELIVERING)),
+                    )
+                    .values(**values)
+                )
+                if int(result.rowcount) == 1:
+                    updated.add(entry.job_id)
+        return updated
+
     # -- API ------------------------------------------------------------------------------------------------
 
     def get(self, job_id: int) -> dict[str, Any] | None:
@@ -537,7 +685,7 @@ class JobStore:
             .join(instances, instances.c.id == jobs.c.instance_id)
             .where(jobs.c.id == job_id)
         )
-        with self._begin() as db:
+        with self._read() as db:
             row = db.execute(query).first()
         return None if row is None else dict(row._mapping)
 
@@ -564,7 +712,7 @@ class JobStore:
             query = query.where(jobs.c.study_instance_uid == study)
         if model is not None:
             query = query.where(jobs.c.model == model)
-        with self._begin() as db:
+        with self._read() as db:
             return [dict(row._mapping) for row in db.execute(query).all()]
 
     def requeue(self, job_id: int, from_states: Sequence[str]) -> bool:
@@ -612,7 +760,7 @@ class JobStore:
             .join(jobs, jobs.c.instance_id == instances.c.id)
             .where(jobs.c.id == job_id)
         )
-        with self._begin() as db:
+        with self._read() as db:
             path = db.execute(query).scalar()
         return path is not None and os.path.exists(path)
 
@@ -628,12 +776,12 @@ class JobStore:
             .order_by(instances.c.id)
             .limit(limit)
         )
-        with self._begin() as db:
+        with self._read() as db:
             return [(row.id, row.spool_path) for row in db.execute(query).all()]
 
     def forget_spool(self, instance_id: int, path: str) -> bool:
         """Marks an instance's file deleted, unless it was spooled again meanwhile (another path)."""
-        with self._begin() as db:
+        with self._begin(durable=False) as db:
             result = db.execute(
                 update(instances)
                 .where(instances.c.id == instance_id, instances.c.spool_path == path)
@@ -646,7 +794,7 @@ class JobStore:
         if not entries:
             return 0
         marked = 0
-        with self._begin() as db:
+        with self._begin(durable=False) as db:
             for instance_id, path in entries:
                 result = db.execute(
                     update(instances)
@@ -663,11 +811,11 @@ class JobStore:
             .where(jobs.c.result_path.is_not(None), jobs.c.state.in_(list(TERMINAL)))
             .limit(limit)
         )
-        with self._begin() as db:
+        with self._read() as db:
             return [(row.id, row.result_path) for row in db.execute(query).all()]
 
     def forget_result(self, job_id: int) -> None:
-        with self._begin() as db:
+        with self._begin(durable=False) as db:
             db.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.state.in_(list(TERMINAL)))
@@ -678,7 +826,7 @@ class JobStore:
         """``forget_result`` for several jobs in one transaction."""
         if not job_ids:
             return
-        with self._begin() as db:
+        with self._begin(durable=False) as db:
             db.execute(
                 update(jobs)
                 .where(jobs.c.id.in_(list(job_ids)), jobs.c.state.in_(list(TERMINAL)))
@@ -687,12 +835,12 @@ class JobStore:
 
     def counts(self) -> dict[str, int]:
         """Jobs by state (every state, zeros included)."""
-        with self._begin() as db:
+        with self._read() as db:
             rows = db.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
         found = {state: int(count) for state, count in rows}
         return {state: found.get(state, 0) for state in STATES}
 
     def oldest_queued_at(self) -> float | None:
         """Creation time of the oldest queued job (None when none is queued)."""
-        with self._begin() as db:
+        with self._read() as db:
             return db.execute(select(func.min(jobs.c.created_at)).where(jobs.c.state == QUEUED)).scalar()

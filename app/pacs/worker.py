@@ -9,10 +9,13 @@ this process serves (``JobStore.claim``) and runs each as a task:
    first), and the result object written by that output format (``dicom-seg`` for segmentation; ``dicom-sr``
    for classification once that format is registered), written once with the deterministic UIDs of
    ``models.dicom_uids`` (passed to the writer in ``ResponseOptions``).
-   The result is spooled (``running`` -> ``delivering``).
-2. deliver: one attempt through the ``ResultSink``; ``done`` when it lands, ``failed`` when the archive refuses
-   it (no retry), else another attempt after a capped exponential backoff with jitter, at most
-   ``MEDSERVE_DELIVERY_MAX_ATTEMPTS`` in all.
+2. deliver: the result goes straight to a delivery attempt through the ``ResultSink``: the results ready at
+   the same time go together (``deliver_all``: one STOW-RS request for several, ``GROUP_MAX`` at most, while
+   ``DELIVERY_SENDERS`` attempts are under way), and their outcomes are recorded in one transaction
+   (``JobStore.settle``): ``done`` when it lands, ``failed`` when the archive refuses it (no retry), else the
+   result is spooled and the job waits ``delivering`` for another attempt after a capped exponential backoff
+   with jitter, at most ``MEDSERVE_DELIVERY_MAX_ATTEMPTS`` in all. A job cancelled (or taken over) before its
+   attempt is dropped; one that is no longer this process's when the outcome is recorded is left alone.
 
 Anything that makes a job impossible (multi-frame, an unsupported transfer syntax, a source the result cannot
 reference, the model failing on it) fails the job with the reason, never the worker. Leases are renewed every
@@ -51,9 +54,10 @@ from app.pacs.results import (
     ResultSink,
     TransientDeliveryError,
     backoff_delay,
+    deliver_all,
 )
 from app.pacs.spool import Spool
-from app.pacs.store import Claimed, JobStore
+from app.pacs.store import DONE_OUTCOME, FAILED_OUTCOME, RETRY_OUTCOME, Claimed, JobStore, Settled
 from app.registry import ModelHandle, ModelRegistry
 from app.settings import Settings
 from models.dicom_uids import result_instance_uid, result_series_uid
@@ -72,6 +76,9 @@ RESULT_SOP_CLASSES = {SEG: "1.2.840.10008.5.1.4.1.1.66.4", SR: "1.2.840.10008.5.
 IDLE_POLL_S = 1.0  # how often an idle worker looks for jobs other processes queued or retries that fell due
 CLEANUP_EVERY_S = 5.0
 CLAIM_COALESCE_S = 0.25  # how long a claim for fewer than a chunk of places waits while jobs are in hand
+CLAIM_INTERVAL_S = 0.05  # the shortest time between two claims while jobs are in hand
+DELIVERY_SENDERS = 2  # delivery attempts under way at once; results that come meanwhile go together next
+GROUP_MAX = 16  # most results in one delivery attempt (one STOW-RS request, one store commit)
 
 
 def result_format(task: str) -> tuple[OutputFormat[Any], str] | None:
@@ -124,6 +131,27 @@ def select_sink(settings: Settings, spool: Spool) -> ResultSink:
 
 
 @dataclass
+class Outgoing:
+    """A result waiting for its delivery attempt: ``spooled`` when it is in the spool already (a retry), else
+    fresh from the model (spooled only if the attempt fails and a retry is needed)."""
+
+    job: Claimed
+    result: ResultObject
+    spooled: bool
+    done: asyncio.Future[None]
+
+
+@dataclass
+class Attempted:
+    """What became of one result of a delivery attempt (worked out in a thread, reported on the loop)."""
+
+    item: Outgoing
+    error: Exception | None
+    settled: Settled
+    recorded: bool = False
+
+
+@dataclass
 class WorkerStats:
     """What this process did (for tests and logs)."""
 
@@ -169,12 +197,18 @@ class JobWorker:
         self._claim_chunk = max(1, settings.jobs_concurrency // 8)
         self._last_claim = 0.0
         self._claim_timer: asyncio.TimerHandle | None = None
+        self._outbox: asyncio.Queue[Outgoing] = asyncio.Queue()
+        self._senders: list[asyncio.Task[None]] = []
 
     # -- life cycle -----------------------------------------------------------------------------------------
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._main = self._loop.create_task(self._run(), name="medserve-jobs")
+        self._senders = [
+            self._loop.create_task(self._sender(), name=f"medserve-delivery-{n}")
+            for n in range(DELIVERY_SENDERS)
+        ]
 
     def wake(self) -> None:
         """New jobs are waiting (thread-safe: the intake calls it from any thread)."""
@@ -187,6 +221,11 @@ class JobWorker:
     def in_flight(self) -> int:
         return len(self._tasks)
 
+    @property
+    def waiting_results(self) -> int:
+        """Results made and waiting for a delivery attempt (while the senders are busy)."""
+        return self._outbox.qsize()
+
     async def stop(self) -> None:
         """Cancels the loop and the jobs in hand and gives them back to the queue (another process or the next
         start takes them); a delivery under way is let finish, so that its outcome is recorded."""
@@ -198,6 +237,11 @@ class JobWorker:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        for sender in self._senders:  # after the jobs: a job's delivery under way is let finish
+            sender.cancel()
+        for sender in self._senders:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sender
         try:
             released = await asyncio.to_thread(self.store.release, self.owner)
         except Exception:
@@ -227,9 +271,12 @@ class JobWorker:
             self._wake.clear()
             # With jobs in hand and few places free, claims wait (CLAIM_COALESCE_S at most) for more places, so
             # that one transaction takes several jobs rather than one per finished job.
+            # Likewise, while jobs are in hand, new jobs that come one by one (C-STOREs) are claimed together
+            # at most every CLAIM_INTERVAL_S, not each in a transaction of its own.
             since_claim = time.monotonic() - self._last_claim
-            if ready and 0 < free < self._claim_chunk and self._tasks and since_claim < CLAIM_COALESCE_S:
-                self._claim_later(CLAIM_COALESCE_S - since_claim)
+            wait_s = CLAIM_COALESCE_S if free < self._claim_chunk else CLAIM_INTERVAL_S
+            if ready and free > 0 and self._tasks and since_claim < wait_s:
+                self._claim_later(wait_s - since_claim)
             elif ready and free > 0:
                 self._last_claim = time.monotonic()
                 try:
@@ -285,10 +332,14 @@ class JobWorker:
         # One thread hop and one transaction per kind for everything due (a file is deleted before the store
         # forgets it: a crash in between leaves a record whose file is gone, which the next pass forgets).
         spooled = self.store.finished_spool(cutoff)
+        results = self.store.results_to_delete()
+        if spooled or results:
+            # The job states that let these files go are made durable first (the job path's transitions are
+            # not flushed one by one): a power cut can then no longer bring back a job that needs them.
+            self.store.sync()
         for _, path in spooled:
             self.spool.delete(path)
         self.store.forget_spools(spooled)
-        results = self.store.results_to_delete()
         for _, path in results:
             self.spool.delete(path)
         self.store.forget_results([job_id for job_id, _ in results])
@@ -309,19 +360,23 @@ class JobWorker:
         try:
             if job.phase == "run":
                 result = await self._run_model(job, handle)
-                if result is None:
-                    return
             else:
                 result = await self._spooled_result(job)
-                if result is None:
-                    return
-            await self._deliver(job, result)
+            if result is None:
+                return
+            await self._deliver(job, result, spooled=job.phase != "run")
         except asyncio.CancelledError:
             raise
         except Exception:
             logger.exception("job %d failed unexpectedly", job.id)
             with contextlib.suppress(Exception):
                 await self._fail(job, "MedServe failed unexpectedly on this job; see the service log")
+
+    @staticmethod
+    def _read_and_decode(runner: Runner[Any], path: str, **options: Any) -> Any:
+        # One hop into the pool for reading the spooled file and decoding it.
+        upload = ImageUpload(Path(path).read_bytes(), content_type="application/dicom")
+        return runner.decode(upload, **options)
 
     async def _run_model(self, job: Claimed, handle: ModelHandle) -> ResultObject | None:
         runner, batcher = handle.runner, handle.batcher
@@ -331,20 +386,23 @@ class JobWorker:
             await self._fail(job, f"this build writes no DICOM result for {runner.task} models")
             return None
         output_format, kind = found
-        if job.spool_path is None or not Path(job.spool_path).exists():
-            await self._fail(job, "the spooled instance was deleted; send the instance again")
+        deleted = "the spooled instance was deleted; send the instance again"
+        if job.spool_path is None:
+            await self._fail(job, deleted)
             return None
-        data = await asyncio.to_thread(Path(job.spool_path).read_bytes)
-        upload = ImageUpload(data, content_type="application/dicom")
         try:
             item = await self._in_pool(
-                runner.decode,
-                upload,
+                self._read_and_decode,
+                runner,
+                job.spool_path,
                 max_pixels=self.settings.max_pixels,
                 keep_pixels=output_format.needs_pixels,
                 keep_source=True,
             )
             check_input(output_format, item)
+        except FileNotFoundError:
+            await self._fail(job, deleted)
+            return None
         except ImageError as exc:
             await self._fail(job, f"the instance cannot be processed: {exc}")
             return None
@@ -367,11 +425,9 @@ class JobWorker:
         except ImageError as exc:
             await self._fail(job, f"cannot write the {kind.upper()} result: {exc}")
             return None
-        path = await asyncio.to_thread(self.spool.write_result, job.id, part10)
-        if not await asyncio.to_thread(self.store.result_ready, job.id, self.owner, str(path), sop_uid, kind):
-            logger.info("job %d was cancelled or taken over while running; its result is dropped", job.id)
-            await asyncio.to_thread(self.spool.delete, path)
-            return None
+        # Not spooled yet: the first attempt goes out straight away, and the result is spooled only when a
+        # retry needs it. A crash before the attempt is recorded leaves the job running: it runs again once its
+        # lease expires, and its result (the same UIDs) replaces the one that may have arrived.
         return ResultObject(
             part10=part10,
             kind=kind,
@@ -396,7 +452,7 @@ class JobWorker:
         """The result of a job claimed for delivery (a retry, or a job whose process died while sending it)."""
         kind = job.result_kind or SEG
         if job.result_path is None or not Path(job.result_path).exists() or not job.result_sop_instance_uid:
-            # Nothing to send any more (deleted by hand?): run the model again.
+            # Nothing to send any more (deleted by hand, or it could not be spooled): run the model again.
             await asyncio.to_thread(self.store.requeue, job.id, ["delivering"])
             self._wake.set()
             return None
@@ -414,58 +470,143 @@ class JobWorker:
             model=job.model,
         )
 
-    async def _deliver(self, job: Claimed, result: ResultObject) -> None:
-        attempts = job.attempts + 1
+    # -- delivery -------------------------------------------------------------------------------------------
+
+    async def _deliver(self, job: Claimed, result: ResultObject, *, spooled: bool) -> None:
+        """Hands the result to the senders and waits for its attempt to be recorded."""
         current = asyncio.current_task()
         if self._stopping or current is None:
-            return  # shutting down: the result stays spooled for the next process
+            # Shutting down: a spooled result waits for the next process; a fresh one is made again (the job
+            # goes back to the queue).
+            return
         self._delivering.add(current)
         try:
-            await self._attempt(job, result, attempts)
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._outbox.put_nowait(Outgoing(job, result, spooled, done))
+            await done
         finally:
             self._delivering.discard(current)
 
-    async def _attempt(self, job: Claimed, result: ResultObject, attempts: int) -> None:
-        settings = self.settings
+    async def _sender(self) -> None:
+        """Takes the results waiting (up to ``GROUP_MAX``) and makes one delivery attempt for them together:
+        while one attempt is under way, the results that come meanwhile gather for the next."""
+        while True:
+            group = [await self._outbox.get()]
+            while len(group) < GROUP_MAX and not self._outbox.empty():
+                group.append(self._outbox.get_nowait())
+            try:
+                await self._send_group(group)
+            except asyncio.CancelledError:
+                for item in group:
+                    if not item.done.done():
+                        item.done.cancel()
+                raise
+            except Exception as exc:
+                logger.exception("a delivery attempt failed unexpectedly")
+                for item in group:
+                    if not item.done.done():
+                        item.done.set_exception(exc)
+
+    async def _send_group(self, group: list[Outgoing]) -> None:
         try:
-            await asyncio.to_thread(self.sink.deliver, result)
-        except PermanentDeliveryError as exc:
-            self._observe("permanent")
-            await self._fail(job, f"the archive refused the result: {exc.reason}", attempts=attempts)
-            return
-        except Exception as exc:
-            self._observe("transient")
-            reason = exc.reason if isinstance(exc, TransientDeliveryError) else type(exc).__name__
-            if not isinstance(exc, TransientDeliveryError):
-                logger.error("job %d: the result sink failed unexpectedly", job.id, exc_info=exc)
-            if attempts >= settings.delivery_max_attempts:
-                await self._fail(
-                    job,
-                    f"delivery failed {attempts} times, the last: {reason}; retry when it is fixed",
-                    attempts,
+            held = await asyncio.to_thread(self.store.held, [item.job.id for item in group], self.owner)
+        except Exception:
+            logger.exception("cannot read the jobs of a delivery attempt; sending them anyway")
+            held = {item.job.id for item in group}
+        sending = []
+        for item in group:
+            if item.job.id in held:
+                sending.append(item)
+            else:
+                logger.info(
+                    "job %d was cancelled or taken over before its result was sent; the result is dropped",
+                    item.job.id,
                 )
-                return
-            delay = backoff_delay(
-                attempts, base_s=settings.delivery_backoff_s, cap_s=settings.delivery_backoff_max_s
-            )
-            logger.info(
-                "job %d: delivery attempt %d failed (%s); next in %.1f s", job.id, attempts, reason, delay
-            )
-            await asyncio.to_thread(
-                self.store.retry_later,
-                job.id,
-                self.owner,
-                attempts,
-                delay,
-                f"delivery attempt {attempts} failed: {reason}",
-            )
-            asyncio.get_running_loop().call_later(delay, self._wake.set)  # look again when it falls due
+                item.done.set_result(None)
+        if not sending:
             return
-        if await asyncio.to_thread(self.store.delivered, job.id, self.owner, attempts):
-            self.stats.delivered += 1
+        attempted = await asyncio.to_thread(self._attempt, sending)
+        for entry in attempted:
+            self._report(entry)
+            if not entry.item.done.done():
+                entry.item.done.set_result(None)
+
+    def _attempt(self, items: list[Outgoing]) -> list[Attempted]:
+        """In a thread: one delivery attempt for ``items``, the results that need a retry spooled, and every
+        outcome recorded in one transaction."""
+        settings = self.settings
+        errors = deliver_all(self.sink, [item.result for item in items])
+        attempted = []
+        for item, error in zip(items, errors, strict=True):
+            job, result = item.job, item.result
+            attempts = job.attempts + 1
+            uid, kind = result.sop_instance_uid, result.kind
+            if error is None:
+                settled = Settled(job.id, DONE_OUTCOME, attempts, uid, kind)
+            elif isinstance(error, PermanentDeliveryError):
+                reason = f"the archive refused the result: {error.reason}"
+                settled = Settled(job.id, FAILED_OUTCOME, attempts, uid, kind, reason)
+            else:
+                why = error.reason if isinstance(error, TransientDeliveryError) else type(error).__name__
+                if not isinstance(error, TransientDeliveryError):
+                    logger.error("job %d: the result sink failed unexpectedly", job.id, exc_info=error)
+                if attempts >= settings.delivery_max_attempts:
+                    reason = f"delivery failed {attempts} times, the last: {why}; retry when it is fixed"
+                    settled = Settled(job.id, FAILED_OUTCOME, attempts, uid, kind, reason)
+                else:
+                    delay = backoff_delay(
+                        attempts, base_s=settings.delivery_backoff_s, cap_s=settings.delivery_backoff_max_s
+                    )
+                    path = None
+                    if not item.spooled:
+                        try:
+                            path = str(self.spool.write_result(job.id, result.part10))
+                        except OSError as exc:  # not spooled: the retry runs the model again
+                            logger.error("job %d: cannot spool its result for a retry (%s)", job.id, exc)
+                    settled = Settled(
+                        job.id,
+                        RETRY_OUTCOME,
+                        attempts,
+                        uid,
+                        kind,
+                        reason=f"delivery attempt {attempts} failed: {why}",
+                        next_attempt_at=self.store.clock() + delay,
+                        result_path=path,
+                    )
+            attempted.append(Attempted(item, error, settled))
+        try:
+            recorded = self.store.settle(self.owner, [entry.settled for entry in attempted])
+        except Exception:
+            # Not recorded: the jobs keep their state and lease; once the lease expires they are taken again
+            # (run or delivered again: the results replace themselves, their UIDs being the same).
+            logger.exception("cannot record %d delivery outcome(s) in the job store", len(attempted))
+            recorded = set()
+        for entry in attempted:
+            entry.recorded = entry.item.job.id in recorded
+            path = entry.settled.result_path
+            if path is not None and not entry.recorded:
+                self.spool.delete(path)  # spooled for a retry of a job that is no longer ours
+        return attempted
+
+    def _report(self, entry: Attempted) -> None:
+        """Logs, counters and metrics of one attempted result (on the loop)."""
+        job, settled, error = entry.item.job, entry.settled, entry.error
+        if error is None:
             self._observe("delivered", max(0.0, time.time() - job.created_at))
         else:
+            self._observe("permanent" if isinstance(error, PermanentDeliveryError) else "transient")
+        if not entry.recorded:
             logger.info("job %d was cancelled or taken over while its result was being delivered", job.id)
+            return
+        if settled.outcome == DONE_OUTCOME:
+            self.stats.delivered += 1
+        elif settled.outcome == FAILED_OUTCOME:
+            self.stats.failed += 1
+            logger.info("job %d (%s) failed: %s", job.id, job.model, settled.reason)
+        else:
+            delay = max(0.0, (settled.next_attempt_at or 0.0) - self.store.clock())
+            logger.info("job %d: %s; next in %.1f s", job.id, settled.reason, delay)
+            asyncio.get_running_loop().call_later(delay, self._wake.set)  # look again when it falls due
 
     def _observe(self, outcome: str, latency_s: float | None = None) -> None:
         if self.metrics is not None:

@@ -20,7 +20,7 @@ from app.pacs.delivery import (
     delivery_from_settings,
     stow_failure_meaning,
 )
-from app.pacs.results import PermanentDeliveryError, TransientDeliveryError
+from app.pacs.results import PermanentDeliveryError, ResultObject, TransientDeliveryError
 from app.settings import Settings, SettingsError, load_settings
 from tests.deploy.helpers import free_port
 from tests.pacs.sources import ct_dataset, part10
@@ -228,3 +228,100 @@ def test_the_worker_sink_is_the_folder_then_the_archive(tmp_path: Path) -> None:
         Settings(pacs_url="http://pacs:8042/dicom-web", results_dir=tmp_path / "review"), spool
     )
     assert isinstance(folder, FolderSink) and folder.folder == tmp_path / "review"
+
+
+def results(n: int) -> list[ResultObject]:
+    data = ct_bytes()
+    study = str(ct_dataset().StudyInstanceUID)
+    return [
+        ResultObject(
+            part10=data,
+            kind="seg",
+            study_instance_uid=study,
+            series_instance_uid="1.2.3",
+            sop_instance_uid=f"1.2.3.4.{i}",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
+            job_id=i,
+            model="m",
+        )
+        for i in range(n)
+    ]
+
+
+def stow_answer(referenced: list[str], failed: dict[str, int]) -> bytes:
+    def item(uid: str, code: int | None = None) -> dict[str, Any]:
+        entry: dict[str, Any] = {"00081155": {"vr": "UI", "Value": [uid]}}
+        if code is not None:
+            entry["00081197"] = {"vr": "US", "Value": [code]}
+        return entry
+
+    answer: dict[str, Any] = {}
+    if referenced:
+        answer["00081199"] = {"vr": "SQ", "Value": [item(uid) for uid in referenced]}
+    if failed:
+        answer["00081198"] = {"vr": "SQ", "Value": [item(uid, code) for uid, code in failed.items()]}
+    return json.dumps(answer).encode()
+
+
+def test_several_results_of_a_study_go_in_one_request(archive: tuple[str, Script]) -> None:
+    url, script = archive
+    sent = results(3)
+    script.body = stow_answer([r.sop_instance_uid for r in sent], {})
+    assert StowDelivery(url).deliver_many(sent) == [None, None, None]
+    (request,) = script.requests
+    assert request["path"] == f"/dicom-web/studies/{sent[0].study_instance_uid}"
+    boundary = request["headers"]["Content-Type"].split("boundary=")[1]
+    assert request["size"] > 3 * len(sent[0].part10)
+    assert request["body"].count(f"--{boundary}".encode()) >= 1
+
+
+def test_a_part_refused_in_a_partial_answer_fails_alone(archive: tuple[str, Script]) -> None:
+    url, script = archive
+    sent = results(4)
+    uids = [r.sop_instance_uid for r in sent]
+    script.status = 202
+    script.body = stow_answer([uids[0], uids[3]], {uids[1]: 0xC000, uids[2]: 0xA700})
+    errors = StowDelivery(url).deliver_many(sent)
+    assert errors[0] is None and errors[3] is None
+    assert isinstance(errors[1], PermanentDeliveryError)
+    assert errors[1].reason == f"STOW-RS answered {uids[1]} failed (0xC000: cannot understand)"
+    assert isinstance(errors[2], TransientDeliveryError)  # out of resources: may work later
+    assert errors[2].reason == f"STOW-RS answered {uids[2]} failed (0xA700: out of resources)"
+    assert len(script.requests) == 1
+
+
+def test_an_error_answer_fails_every_part_it_does_not_list_as_stored(archive: tuple[str, Script]) -> None:
+    url, script = archive
+    sent = results(2)
+    script.status, script.body = 409, stow_answer([], {sent[0].sop_instance_uid: 0xA900})
+    first, second = StowDelivery(url).deliver_many(sent)
+    assert isinstance(first, PermanentDeliveryError) and isinstance(second, PermanentDeliveryError)
+    assert first.reason == (
+        f"STOW-RS answered HTTP 409 Conflict: {sent[0].sop_instance_uid} failed "
+        "(0xA900: data set does not match SOP class)"
+    )
+    assert second.reason.startswith("STOW-RS answered HTTP 409")
+    script.status, script.body = 503, b'{"Message": "busy"}'
+    assert all(isinstance(e, TransientDeliveryError) for e in StowDelivery(url).deliver_many(sent))
+    # a 2xx answer that lists what it stored, without this one: not known to be stored, so tried again
+    script.status, script.body = 200, stow_answer([sent[0].sop_instance_uid], {})
+    stored, unknown = StowDelivery(url).deliver_many(sent)
+    assert stored is None and isinstance(unknown, TransientDeliveryError)
+
+
+def test_results_of_several_studies_go_in_a_request_each(archive: tuple[str, Script]) -> None:
+    url, script = archive
+    first, second = results(2)
+    second = ResultObject(**{**vars(second), "study_instance_uid": "1.2.3.77"})
+    not_dicom = ResultObject(**{**vars(first), "part10": b"not dicom", "sop_instance_uid": "1.2.3.9"})
+    outcomes = StowDelivery(url).deliver_many([first, second, not_dicom])
+    assert outcomes[:2] == [None, None]
+    assert isinstance(outcomes[2], PermanentDeliveryError)
+    assert sorted(r["path"] for r in script.requests) == sorted(
+        [f"/dicom-web/studies/{first.study_instance_uid}", "/dicom-web/studies/1.2.3.77"]
+    )
+
+
+def test_a_refused_connection_fails_every_part_transiently() -> None:
+    outcomes = StowDelivery(f"http://127.0.0.1:{free_port()}/dicom-web").deliver_many(results(2))
+    assert all(isinstance(e, TransientDeliveryError) and "connection refused" in e.reason for e in outcomes)

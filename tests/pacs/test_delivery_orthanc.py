@@ -174,3 +174,21 @@ def test_c_store_to_an_archive_that_refuses_the_caller(tmp_path: Path) -> None:
         ):
             delivery.deliver(seg_result(ct_dataset()))
         assert orthanc.instances() == []
+
+
+def test_several_results_go_in_one_request_and_a_refused_one_fails_alone(orthanc: Orthanc) -> None:
+    sources = [ct_dataset() for _ in range(3)]
+    study = str(sources[0].StudyInstanceUID)
+    for n, source in enumerate(sources):
+        source.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.7{n}"
+    good = [seg_result(source) for source in sources[:2]]
+    # the third belongs to another study than the request's URL: Orthanc refuses that part only
+    sources[2].StudyInstanceUID = "1.2.826.0.1.3680043.8.498.99"
+    broken = seg_result(sources[2], study=study)
+    errors = stow(orthanc).deliver_many([*good, broken])
+    assert errors[:2] == [None, None]
+    assert isinstance(errors[2], PermanentDeliveryError)
+    assert errors[2].reason.startswith("STOW-RS answered")
+    assert broken.sop_instance_uid in errors[2].reason
+    stored = {seg["SOPInstanceUID"] for seg in segs_in_study(orthanc, study)}
+    assert stored == {result.sop_instance_uid for result in good}

@@ -17,6 +17,7 @@ from app.pacs.results import (
     TransientDeliveryError,
     read_delivery_log,
 )
+from models.dicom_uids import result_instance_uid
 from tests.app.helpers import GATES, SAFETY_S, assert_problem, gated_pixel_model, serve, settings, wait_until
 from tests.app.pacs.helpers import instance, pacs_settings, stow, wait_for_jobs
 from tests.models.test_dicom import to_bytes
@@ -218,3 +219,73 @@ async def test_a_clean_shutdown_gives_running_jobs_back_and_the_next_start_finis
             jobs = await wait_for_jobs(client, {"done"}, 3)
     assert len(jobs) == 3
     assert sorted(entry[0] for entry in read_delivery_log(tmp_path / "results")) == [j["id"] for j in jobs]
+
+
+class GroupSink:
+    """A sink that takes several results per attempt (``deliver_many``): refuses ``refuse`` for good, fails
+    ``flaky`` once (transient), and holds the first attempts until ``hold_until()`` is true."""
+
+    def __init__(self, folder: Path, hold_until: Any, *, refuse: set[str], flaky: set[str]) -> None:
+        self.inner = FolderSink(folder)
+        self.hold_until = hold_until
+        self.refuse, self.flaky = refuse, set(flaky)
+        self.groups: list[list[str]] = []
+        self.lock = threading.Lock()
+
+    def deliver(self, result: ResultObject) -> None:
+        (error,) = self.deliver_many([result])
+        if error is not None:
+            raise error
+
+    def deliver_many(self, results: list[ResultObject]) -> list[Exception | None]:
+        for _ in range(int(SAFETY_S / 0.01)):
+            if self.hold_until():
+                break
+            threading.Event().wait(0.01)
+        outcomes: list[Exception | None] = []
+        with self.lock:
+            self.groups.append([r.sop_instance_uid for r in results])
+            for result in results:
+                if result.sop_instance_uid in self.refuse:
+                    outcomes.append(PermanentDeliveryError("the archive answered 400: part refused"))
+                elif result.sop_instance_uid in self.flaky:
+                    self.flaky.discard(result.sop_instance_uid)
+                    outcomes.append(TransientDeliveryError("the archive answered 503"))
+                else:
+                    self.inner.deliver(result)
+                    outcomes.append(None)
+        return outcomes
+
+
+async def test_results_ready_together_go_in_one_attempt_and_a_failed_part_fails_alone(
+    pixel_dir: Path, tmp_path: Path
+) -> None:
+    sources = [instance(i) for i in range(6)]
+    async with serve(settings(pixel_dir, **pacs_settings(tmp_path))) as (app, client):
+        worker = app.state.pacs.worker
+        version = app.state.registry.models["pixel"].runner.version
+        uids = [result_instance_uid(str(ds.SOPInstanceUID), version, "seg") for ds in sources]
+        # the first attempts are held until the other results wait behind them: they then go together
+        sink = GroupSink(
+            tmp_path / "archive",
+            lambda: worker.waiting_results >= 2 or worker.stats.delivered + worker.stats.failed > 0,
+            refuse={uids[4]},
+            flaky={uids[5]},
+        )
+        worker.sink = sink
+        await stow(client, [to_bytes(ds) for ds in sources])
+        jobs = await wait_for_jobs(client, {"done", "failed"}, 6)
+    by_result = {job["result_sop_instance_uid"]: job for job in jobs}
+    assert set(by_result) == set(uids)
+    assert [by_result[uid]["state"] for uid in uids] == ["done"] * 4 + ["failed", "done"]
+    assert (
+        by_result[uids[4]]["reason"]
+        == "the archive refused the result: the archive answered 400: part refused"
+    )
+    assert by_result[uids[4]]["attempts"] == 1
+    assert by_result[uids[5]]["attempts"] == 2 and by_result[uids[5]]["reason"] is None
+    assert all(by_result[uid]["attempts"] == 1 for uid in uids[:4])
+    assert max(len(group) for group in sink.groups) >= 2  # several results in one attempt
+    assert sum(len(group) for group in sink.groups) == 7  # six first attempts and one retry
+    delivered = sorted(entry.sop_instance_uid for entry in read_delivery_log(tmp_path / "archive"))
+    assert delivered == sorted([*uids[:4], uids[5]])

@@ -10,7 +10,23 @@ from pathlib import Path
 
 import pytest
 
-from app.pacs.store import DONE, FAILED, MAX_RUNS, QUEUED, InstanceRecord, JobStore, NewJob, engine_url
+from app.pacs.store import (
+    CANCELLED,
+    DELIVERING,
+    DONE,
+    DONE_OUTCOME,
+    FAILED,
+    FAILED_OUTCOME,
+    MAX_RUNS,
+    QUEUED,
+    RETRY_OUTCOME,
+    RUNNING,
+    InstanceRecord,
+    JobStore,
+    NewJob,
+    Settled,
+    engine_url,
+)
 from tests.app.pacs.postgres import postgres_server
 
 
@@ -138,3 +154,62 @@ def test_spool_clean_up_forgets_many_files_in_one_call_but_not_a_respooled_one(s
     assert store.results_to_delete() == [(ids[2], f"/r/{ids[2]}.dcm")]
     store.forget_results([])
     assert store.forget_spools([]) == 0
+
+
+def test_settle_records_a_group_of_attempts_in_one_call_for_the_jobs_still_held(store: JobStore) -> None:
+    ids = [store.record(record(f"7.{i}"), [NewJob("m", "v1", "segmentation")]).job_ids[0] for i in range(4)]
+    claimed = store.claim("a", MODELS, 10, lease_s=60)
+    assert sorted(job.id for job in claimed) == sorted(ids)
+    assert [(store.get(job_id) or {}).get("state") for job_id in ids] == [RUNNING] * 4
+    done, refused, retried, cancelled = ids
+    assert store.cancel(cancelled, [RUNNING])
+    assert store.held(ids, "a") == {done, refused, retried}
+    assert store.held(ids, "b") == set()
+    updated = store.settle(
+        "a",
+        [
+            Settled(done, DONE_OUTCOME, 1, "9.1", "seg"),
+            Settled(refused, FAILED_OUTCOME, 1, "9.2", "seg", "the archive refused the result: 409"),
+            Settled(
+                retried, RETRY_OUTCOME, 1, "9.3", "seg", "attempt 1 failed: 503", time.time() + 60, "/r/3.dcm"
+            ),
+            Settled(cancelled, DONE_OUTCOME, 1, "9.4", "seg"),
+        ],
+    )
+    assert updated == {done, refused, retried}
+    rows = {job_id: store.get(job_id) or {} for job_id in ids}
+    assert rows[done]["state"] == DONE and rows[done]["reason"] is None
+    assert rows[done]["result_sop_instance_uid"] == "9.1" and rows[done]["result_kind"] == "seg"
+    assert rows[refused]["state"] == FAILED
+    assert rows[refused]["reason"] == "the archive refused the result: 409" and rows[refused]["attempts"] == 1
+    assert rows[retried]["state"] == DELIVERING
+    assert rows[retried]["result_path"] == "/r/3.dcm" and rows[retried]["lease_owner"] is None
+    assert rows[cancelled]["state"] == CANCELLED
+    assert store.claim("b", MODELS, 10, lease_s=60) == []  # the retry is not due yet
+    assert store.settle("a", [Settled(retried, DONE_OUTCOME, 2)]) == set()  # no longer a's lease
+    with pytest.raises(ValueError, match="unknown outcome"):
+        store.settle("a", [Settled(done, "lost", 1)])
+
+
+def test_on_sqlite_only_acceptance_and_api_actions_are_flushed_by_their_commit(tmp_path: Path) -> None:
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+
+    def synchronous() -> int:  # the mode the last transaction left on the (one, reused) connection
+        with store.engine.connect() as db:
+            return int(db.exec_driver_sql("PRAGMA synchronous").scalar_one())
+
+    full, normal = 2, 1
+    (job_id,) = store.record(record("8.1"), [NewJob("m", "v1", "segmentation")]).job_ids
+    assert synchronous() == full
+    assert [job.id for job in store.claim("a", MODELS, 10, lease_s=60)] == [job_id]
+    assert synchronous() == normal
+    store.settle("a", [Settled(job_id, DONE_OUTCOME, 1, "9.1", "seg")])
+    assert synchronous() == normal
+    store.sync()  # flushes them: the write-ahead log is fsync'ed
+    # committed all the same: another store on the file sees them
+    other = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    assert (other.get(job_id) or {}).get("state") == DONE
+    assert store.requeue(job_id, [DONE])
+    assert synchronous() == full
+    other.close()
+    store.close()

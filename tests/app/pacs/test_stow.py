@@ -83,6 +83,24 @@ async def test_one_bad_part_fails_alone_and_the_status_says_how_many_were_kept(
     assert REFERENCED not in none.json() and failure_reasons(none.json()) == [CANNOT_UNDERSTAND] * 2
 
 
+def damaged(data: bytes) -> bytes:
+    """``data`` with a 3-byte Pixel Representation (a US value is 2 bytes): it reads, but cannot be converted."""
+    element = b"\x28\x00\x03\x01US\x02\x00"
+    at = data.index(element)
+    return data[:at] + b"\x28\x00\x03\x01US\x03\x00" + data[at + 8 : at + 10] + b"\x00" + data[at + 10 :]
+
+
+async def test_an_instance_with_a_damaged_element_is_refused_at_once(pixel_dir: Path, tmp_path: Path) -> None:
+    good, broken = instance(1), instance(2)
+    async with serve(settings(pixel_dir, **pacs_settings(tmp_path))) as (_, client):
+        response = await stow(client, [to_bytes(good), damaged(to_bytes(broken))])
+        jobs = await wait_for_jobs(client, {"done"}, 1)
+    assert response.status_code == 202
+    assert sequence_uids(response.json(), REFERENCED) == [good.SOPInstanceUID]
+    assert failure_reasons(response.json()) == [CANNOT_UNDERSTAND]
+    assert [job["sop_instance_uid"] for job in jobs] == [good.SOPInstanceUID]
+
+
 async def test_the_study_url_refuses_instances_of_other_studies(pixel_dir: Path, tmp_path: Path) -> None:
     study = pydicom.uid.generate_uid()
     mine, foreign = instance(1, study=study), instance(2)
