@@ -455,15 +455,16 @@ def default_feature_source(model: nn.Module) -> FeatureSource | None:
     """The features new statistics are fitted on: the first and last stage (classifier backbone, U-Net
     encoder), mean and standard deviation; a custom ``ood_feature_layer()``: its pooled mean. None if unknown."""
     stages: Sequence[nn.Module] | None = None
-    if isinstance(model, UNet):
-        stages, kind = list(model.down), "U-Net encoder block"
-    elif type(model).__module__ == "models.classifier" and not callable(
-        getattr(model, "ood_feature_layer", None)
-    ):
-        from models.classifier import Classifier
+    kind = ""
+    # A network that names its own layer (``ood_feature_layer``) gets that layer from feature_layer below.
+    if not callable(getattr(model, "ood_feature_layer", None)):
+        if isinstance(model, UNet):
+            stages, kind = list(model.down), "U-Net encoder block"
+        elif type(model).__module__ == "models.classifier":
+            from models.classifier import Classifier  # torchvision only when a classifier is served
 
-        if isinstance(model, Classifier):
-            stages, kind = list(model.features), "backbone stage"
+            if isinstance(model, Classifier):
+                stages, kind = list(model.features), "backbone stage"
     if stages:
         chosen = (stages[0], stages[-1]) if len(stages) > 1 else (stages[0],)
         return FeatureSource(

@@ -283,6 +283,14 @@ def test_default_sources_are_the_first_and_last_stage_and_legacy_statistics_keep
     source = default_feature_source(unet)
     assert source is not None and source.modules == (unet.down[0], unet.down[2])
     assert default_feature_source(nn.Conv2d(1, 1, 1)) is None
+
+    class OwnLayer(UNet):  # a network that names its own feature layer keeps it, mean-pooled
+        def ood_feature_layer(self) -> nn.Module:
+            return self.down[1]
+
+    own = OwnLayer(in_channels=1, out_channels=2, channels=[4, 8, 16])
+    source = default_feature_source(own)
+    assert source is not None and source.names == ("down.1",) and source.pooling == "mean"
     # Statistics without layers (written before them): the last stage's pooled mean, as they were fitted on.
     legacy = sample_statistics(dim=16, groups=("all",))
     source = feature_source(unet, legacy)
