@@ -39,12 +39,12 @@ sys.path.insert(0, str(ROOT))
 from ood import GOAL_IN_MAX, GOAL_OUT_MIN, held_out_phantoms, images_under  # noqa: E402
 
 from models.checkpoint import CheckpointMetadata, build_model, load_checkpoint  # noqa: E402
-from models.inference import split_tiles  # noqa: E402
 from models.ood import (  # noqa: E402
     DEFAULT_CONFIDENCE,
+    FeatureSource,
     conformal_threshold,
-    fit_gaussian,
-    mahalanobis_scores,
+    extract_blocks,
+    fit_statistics,
     tolerance_threshold,
 )
 from models.unet import UNet  # noqa: E402
@@ -67,74 +67,46 @@ def stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def extract(
     model: nn.Module, metadata: CheckpointMetadata, pixels: Iterable[np.ndarray], batch: int = 32
 ) -> dict[str, np.ndarray]:
-    """{"<layer>/mean" | "<layer>/std": (N, C)} for every stage."""
+    """{"<layer>/mean" | "<layer>/std": (N, C)} for every stage, computed by the service's feature code
+    (``models.ood.extract_blocks`` with every stage hooked, mean and std pooled)."""
     spec = metadata.preprocessing
     tiled = metadata.task == "segmentation" and spec.resize in ("tile", "fit")
     layers = stages(model)
-    collected: dict[str, list[torch.Tensor]] = {f"{n}/{k}": [] for n, _ in layers for k in ("mean", "std")}
-    current: dict[str, list[torch.Tensor]] = {}
-
-    def hook(name: str) -> Any:
-        def run(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            flat = output.float().flatten(2)
-            current.setdefault(f"{name}/mean", []).append(flat.mean(2))
-            current.setdefault(f"{name}/std", []).append(flat.std(2, correction=0))
-
-        return run
-
-    handles = [module.register_forward_hook(hook(name)) for name, module in layers]
-    pending: list[torch.Tensor] = []
-    counts: list[int] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        x = torch.cat(pending) if tiled else torch.stack(pending)
-        current.clear()
-        for chunk in x.split(batch):
-            model(chunk)
-        for key, parts in current.items():
-            rows = torch.cat(parts)
-            if tiled:
-                rows = torch.stack([p.mean(0) for p in rows.split(counts)])
-            collected[key].append(rows)
-        pending.clear()
-        counts.clear()
-
-    try:
-        with torch.inference_mode():
-            for p in pixels:
-                image = model_input(p, metadata)
-                if tiled:
-                    tiles, tiling = split_tiles(image, spec.img_size, spec.tile_overlap)
-                    pending.append(tiles)
-                    counts.append(len(tiling.positions))
-                else:
-                    pending.append(image)
-                if (sum(counts) if tiled else len(pending)) >= batch:
-                    flush()
-            flush()
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: torch.cat(v).double().numpy() for k, v in collected.items()}
+    source = FeatureSource(
+        tuple(n for n, _ in layers), tuple(m for _, m in layers), "mean+std", "every stage"
+    )
+    with torch.inference_mode():
+        found = extract_blocks(
+            model,
+            (model_input(p, metadata) for p in pixels),
+            source=source,
+            tile=spec.img_size if tiled else None,
+            overlap=spec.tile_overlap,
+            batch_size=batch,
+        )
+    keys = [f"{n}/{k}" for n, _ in layers for k in ("mean", "std")]
+    columns = np.cumsum([0, *found.widths])
+    values = found.values.double().numpy()
+    return {key: values[:, columns[i] : columns[i + 1]] for i, key in enumerate(keys)}
 
 
 def scores_for(
     keys: Sequence[str], fit: dict[str, np.ndarray], groups: np.ndarray, n_groups: int, sets: dict[str, dict]
 ) -> dict[str, np.ndarray]:
-    """Per set, sqrt(sum over keys of the squared Mahalanobis distance), min over groups jointly."""
-    totals: dict[str, np.ndarray] = {}
-    for key in keys:
-        means, precision = fit_gaussian(fit[key], groups, n_groups)
-        for name, feats in sets.items():
-            # Squared distance to each group separately, so the minimum over groups is taken on the sum.
-            per_group = np.stack(
-                [mahalanobis_scores(feats[key], means[g : g + 1], precision) ** 2 for g in range(n_groups)],
-                axis=1,
-            )
-            totals[name] = totals.get(name, 0.0) + per_group
-    return {name: np.sqrt(t.min(axis=1)) for name, t in totals.items()}
+    """Per set, the score of ``models.ood`` over the blocks ``keys``: sqrt(sum over blocks of the squared
+    Mahalanobis distance), min over groups jointly."""
+    stats = fit_statistics(
+        np.concatenate([fit[key] for key in keys], axis=1),
+        groups,
+        [str(g) for g in range(n_groups)],
+        None,
+        features="study",
+        blocks=[fit[key].shape[1] for key in keys],
+    )
+    return {
+        name: stats.scores(np.concatenate([feats[key] for key in keys], axis=1))
+        for name, feats in sets.items()
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

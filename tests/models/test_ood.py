@@ -128,23 +128,14 @@ def sample_statistics(dim: int = 4, groups: tuple[str, ...] = ("a", "b")) -> OOD
     return fit_statistics(x, labels, list(groups), x[:10], features="test features")
 
 
-def save_unet(path: Path, unet: UNet, stats: OODStatistics) -> CheckpointMetadata:
-    """``unet`` (channels 4, 8; 16 x 16 tiles) saved with ``stats``."""
-    meta = CheckpointMetadata(
-        task="segmentation",
-        architecture=Architecture(
-            name="unet", args={"in_channels": 1, "out_channels": 2, "channels": [4, 8]}
-        ),
-        classes=["background", "lesion"],
-        preprocessing=Preprocessing(in_channels=1, img_size=(16, 16)),
-        ood=stats,
-    )
-    return save_checkpoint(path, unet, meta)
-
-
-def tiny_unet_checkpoint(path: Path, ood: OODStatistics | None = None) -> CheckpointMetadata:
-    torch.manual_seed(0)
+def tiny_unet_checkpoint(
+    path: Path, ood: OODStatistics | None = None, unet: UNet | None = None
+) -> CheckpointMetadata:
+    """``unet`` (default: a seeded random one; channels 4, 8; 16 x 16 tiles) saved with ``ood``."""
     args: dict[str, Any] = {"in_channels": 1, "out_channels": 2, "channels": [4, 8]}
+    if unet is None:
+        torch.manual_seed(0)
+        unet = UNet(**args)
     meta = CheckpointMetadata(
         task="segmentation",
         architecture=Architecture(name="unet", args=args),
@@ -152,7 +143,7 @@ def tiny_unet_checkpoint(path: Path, ood: OODStatistics | None = None) -> Checkp
         preprocessing=Preprocessing(in_channels=1, img_size=(16, 16)),
         ood=ood,
     )
-    return save_checkpoint(path, UNet(**args).eval(), meta)
+    return save_checkpoint(path, unet.eval(), meta)
 
 
 def test_checkpoint_round_trip_keeps_the_statistics_and_changes_the_version(tmp_path: Path) -> None:
@@ -326,7 +317,7 @@ def test_blocked_statistics_survive_the_checkpoint_and_score_the_same(tmp_path: 
         fit.values, [0] * 24, ["all"], fit.values[:20], features=source.description, blocks=fit.widths,
         layers=source.names, pooling=source.pooling,
     )  # fmt: skip
-    save_unet(tmp_path / "m.pt", unet, stats)
+    tiny_unet_checkpoint(tmp_path / "m.pt", stats, unet)
     model, loaded = load_model(tmp_path / "m.pt")
     assert loaded.ood is not None and loaded.ood.summary() == stats.summary()
     assert loaded.ood.layers == ["down.0", "down.1"] and loaded.ood.blocks == [4, 4, 8, 8]
@@ -382,7 +373,7 @@ def test_a_loaded_model_scores_like_the_statistics_it_was_saved_with(tmp_path: P
     unet = UNet(in_channels=1, out_channels=2, channels=[4, 8]).eval()
     fit = extract_features(unet, [torch.rand(1, 16, 16) for _ in range(12)], tile=(16, 16))
     stats = fit_statistics(fit, [0] * 12, ["all"], fit[:4], features="bottleneck")
-    save_unet(tmp_path / "m.pt", unet, stats)
+    tiny_unet_checkpoint(tmp_path / "m.pt", stats, unet)
     model, loaded = load_model(tmp_path / "m.pt")
     assert loaded.ood is not None
     probe = [torch.rand(1, 16, 16)]
