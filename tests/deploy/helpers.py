@@ -15,6 +15,8 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -342,6 +344,24 @@ def wait_for_status(service: Service, path: str, status: int = 200, deadline_s: 
     raise AssertionError(
         f"{service.url}{path} not {status} after {deadline_s:.0f} s ({last}):\n{service.output()}"
     )
+
+
+@contextmanager
+def image_replicas(env: dict[str, str], workdir: Path, count: int = 2) -> Iterator[list[Service]]:
+    """``count`` processes of the image's command on free loopback ports, ready; stopped on exit."""
+    command = parse_dockerfile().command()
+    services: list[Service] = []
+    try:
+        for i in range(count):
+            port = free_port()
+            argv = with_option(with_option(command, "--host", "127.0.0.1"), "--port", str(port))
+            services.append(start(argv, env, port, workdir / f"replica{i}.log", cwd=workdir))
+        for service in services:
+            wait_for_status(service, "/health/ready", 200)
+        yield services
+    finally:
+        for service in services:
+            service.stop()
 
 
 def image_command_env(model_dir: Path, *, extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -33,6 +33,7 @@ from tests.deploy.helpers import (
     Service,
     free_port,
     image_command_env,
+    image_replicas,
     install_nginx,
     nginx_main_conf,
     option_value,
@@ -40,7 +41,6 @@ from tests.deploy.helpers import (
     render_nginx_conf,
     start,
     wait_for_status,
-    with_option,
 )
 
 pytestmark = pytest.mark.slow
@@ -65,22 +65,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def replicas(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Service]]:
-    command = parse_dockerfile().command()
     workdir = tmp_path_factory.mktemp("replicas")
     # One intra-op thread each: two replicas share this machine's cores (a test-only setting).
     env = image_command_env(model_dir, extra={"MEDSERVE_TORCH_THREADS": "1"})
-    services: list[Service] = []
-    try:
-        for i in range(2):
-            port = free_port()
-            argv = with_option(with_option(command, "--host", "127.0.0.1"), "--port", str(port))
-            services.append(start(argv, env, port, workdir / f"replica{i}.log", cwd=workdir))
-        for service in services:
-            wait_for_status(service, "/health/ready", 200)
+    with image_replicas(env, workdir) as services:
         yield services
-    finally:
-        for service in services:
-            service.stop()
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,8 @@ from tests.app.pacs.helpers import instance, stow_body
 from tests.app.pacs.postgres import postgres_server
 from tests.deploy.helpers import (
     Service,
-    free_port,
     image_command_env,
-    parse_dockerfile,
-    start,
-    wait_for_status,
-    with_option,
+    image_replicas,
 )
 from tests.models.test_dicom import to_bytes
 
@@ -67,19 +63,8 @@ def replicas(tmp_path: Path) -> Iterator[tuple[list[Service], Path]]:
                 "MEDSERVE_WARMUP": "false",
             },
         )
-        command = parse_dockerfile().command()
-        services: list[Service] = []
-        try:
-            for i in range(2):
-                port = free_port()
-                argv = with_option(with_option(command, "--host", "127.0.0.1"), "--port", str(port))
-                services.append(start(argv, env, port, tmp_path / f"replica{i}.log", cwd=tmp_path))
-            for service in services:
-                wait_for_status(service, "/health/ready", 200)
+        with image_replicas(env, tmp_path) as services:
             yield services, results
-        finally:
-            for service in services:
-                service.stop()
 
 
 def _all_done(service: Service) -> list[dict[str, Any]]:
