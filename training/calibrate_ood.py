@@ -118,7 +118,7 @@ def calibrate(args: argparse.Namespace) -> CheckpointMetadata:
     percentile = float(args.percentile)
     if not 0.0 < percentile <= 100.0:
         raise ValueError(f"--percentile must be in (0, 100], got {percentile}")
-    confidence_of(args)  # refuses a bad --confidence before any work
+    confidence = confidence_of(args)  # refuses a bad --confidence before any work
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.out is not None and Path(args.out).suffix != ".pt":
@@ -140,7 +140,7 @@ def calibrate(args: argparse.Namespace) -> CheckpointMetadata:
         labels,
         read_pixels(val_files, intensity),
         percentile=percentile,
-        confidence=confidence_of(args),
+        confidence=confidence,
         device=args.device,
         batch_size=args.batch_size,
         out=Path(args.out) if args.out is not None else None,
