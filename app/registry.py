@@ -13,7 +13,6 @@ batcher; a model (``ModelHandle``) serves its newest version and keeps ``KEEP_VE
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import logging
 import time
@@ -36,7 +35,7 @@ from app.errors import (
     retry_after,
 )
 from app.logs import note_model
-from app.memory import release_freed_memory
+from app.memory import collect_all, freeze_heap, release_freed_memory
 from app.runners import Runner, load_runner
 from app.runtimes import RuntimeSelection, RuntimeSelectionError, select_runtime
 from app.settings import Settings
@@ -330,7 +329,11 @@ class ModelRegistry:
         takes traffic. Returns what changed.
         """
         async with self._scan_lock:
-            return await self._scan()
+            report = await self._scan()
+            if report.added or report.replaced:
+                # What the load brought in stays: out of the collector's way (app.memory.freeze_heap)
+                await asyncio.to_thread(freeze_heap)
+            return report
 
     async def _scan(self) -> ReloadReport:
         report = ReloadReport()
@@ -510,7 +513,7 @@ class ModelRegistry:
             if runner() is None or self._closing:
                 break
             if attempt == 1:
-                gc.collect()  # a reference cycle, if any
+                collect_all()  # a reference cycle, if any
             await asyncio.sleep(RELEASE_CHECK_S)
         if runner() is not None and not self._closing:
             logger.warning("model %s: version %s is still referenced after it stopped", name, number)
