@@ -33,7 +33,8 @@ from app.logs import configure_logging
 from app.metrics import ServiceMetrics
 from app.metrics import router as metrics_router
 from app.middleware import RequestContext
-from app.pacs.dimse import DimseServer, IntakeLike, dimse_server_from_settings
+from app.pacs.dimse import IntakeLike
+from app.pacs.dimse_node import DimseProcess, dimse_server_from_settings
 from app.pacs.jobs import router as jobs_router
 from app.pacs.service import open_pacs
 from app.pacs.stow import router as stow_router
@@ -82,7 +83,7 @@ def _current_intake(app: FastAPI) -> IntakeLike | None:
     return pacs.intake if pacs is not None else None
 
 
-def _start_dimse(dimse: DimseServer, settings: Settings) -> None:
+def _start_dimse(dimse: DimseProcess, settings: Settings) -> None:
     """Starts the DICOM node. With several workers (``MEDSERVE_WORKERS``) the first to bind the port takes the
     associations; the others go on without it (their jobs come from the same store)."""
     try:

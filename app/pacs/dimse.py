@@ -43,7 +43,7 @@ from app.pacs.intake import (
     AcceptResult,
     IntakeUnavailable,
 )
-from app.settings import Settings, SettingsError, env_name
+from app.settings import SettingsError, env_name
 
 logger = logging.getLogger("medserve.pacs.dimse")
 
@@ -324,26 +324,3 @@ class DimseServer:
     @property
     def running(self) -> bool:
         return self._server is not None
-
-
-def dimse_server_from_settings(
-    settings: Settings, intake: Callable[[], IntakeLike | None]
-) -> DimseServer | None:
-    """The SCP of the settings (not started), or None when ``MEDSERVE_DIMSE_PORT`` is unset.
-
-    Raises:
-        SettingsError: a bad ``MEDSERVE_DIMSE_ALLOWED``.
-    """
-    if settings.dimse_port is None:
-        return None
-    allowed = parse_allowed(settings.dimse_allowed)
-    if not allowed:
-        logger.warning("%s is empty: every DICOM association will be rejected", env_name("dimse_allowed"))
-    return DimseServer(
-        intake,
-        ae_title=settings.dimse_ae_title,
-        port=settings.dimse_port,
-        host=settings.dimse_host,
-        allowed=allowed,
-        timeout_s=settings.delivery_timeout_s,
-    )

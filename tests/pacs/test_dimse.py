@@ -16,10 +16,10 @@ from app.pacs.dimse import (
     STORAGE_SOP_CLASSES,
     AllowedPeer,
     DimseServer,
-    dimse_server_from_settings,
     is_allowed,
     parse_allowed,
 )
+from app.pacs.dimse_node import DimseProcess, dimse_server_from_settings
 from app.pacs.intake import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
@@ -28,7 +28,6 @@ from app.pacs.intake import (
     IntakeUnavailable,
 )
 from app.settings import Settings, SettingsError
-from tests.components import require_program
 from tests.deploy.helpers import free_port
 from tests.pacs.sources import CT_IMAGE, DX_PRESENTATION, ct_path, dx_dataset, part10
 
@@ -60,14 +59,6 @@ class RecordingIntake:
         return AcceptResult(
             accepted=True, sop_instance_uid=uid, sop_class_uid=str(dataset.SOPClassUID), job_ids=[1]
         )
-
-
-@pytest.fixture
-def dcmtk() -> dict[str, str]:
-    return {
-        "echoscu": require_program("echoscu", "dcmtk"),
-        "storescu": require_program("storescu", "dcmtk"),
-    }
 
 
 @pytest.fixture
@@ -343,7 +334,7 @@ async def test_the_service_lifespan_starts_and_stops_the_node(dcmtk: dict[str, s
     port = free_port()
     config = settings(tmp_path, dimse_port=port, dimse_host="127.0.0.1", dimse_allowed="ECHOSCU@127.0.0.1")
     async with serve(config) as (app, _client):
-        node: DimseServer = app.state.dimse
+        node: DimseProcess = app.state.dimse
         assert node.running and node.port == port and node.ae_title == "MEDSERVE"
         ok = run([dcmtk["echoscu"], "-aet", "ECHOSCU", "-aec", "MEDSERVE", "127.0.0.1", str(port)])
         assert ok.returncode == 0, ok.stdout + ok.stderr

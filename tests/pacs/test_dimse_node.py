@@ -1,0 +1,167 @@
+"""The DICOM node in its own process (``app.pacs.dimse_node``): dcmtk's storescu and echoscu against it, real
+child processes; its C-STOREs reach this process's intake."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.pacs.dimse import parse_allowed
+from app.pacs.dimse_node import DimseProcess, answer
+from app.pacs.intake import OUT_OF_RESOURCES, AcceptResult
+from tests.deploy.helpers import free_port
+from tests.pacs.sources import ct_path
+from tests.pacs.test_dimse import AE, RecordingIntake, echo, run, store
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def node(intake: RecordingIntake | None, allowed: str = "MODALITY@127.0.0.1") -> DimseProcess:
+    return DimseProcess(
+        lambda: intake,
+        ae_title=AE,
+        port=free_port(),
+        host="127.0.0.1",
+        allowed=parse_allowed(allowed),
+        timeout_s=10.0,
+        log_format="text",
+    )
+
+
+@pytest.fixture
+def started() -> Iterator[tuple[DimseProcess, RecordingIntake]]:
+    intake = RecordingIntake()
+    server = node(intake)
+    server.start()
+    try:
+        yield server, intake
+    finally:
+        server.stop()
+
+
+def child_pid(server: DimseProcess) -> int:
+    process = server._process
+    assert process is not None
+    return process.pid
+
+
+def gone(pid: int, within_s: float = 30.0) -> bool:
+    """Whether process ``pid`` exits (or is a zombie) within ``within_s``."""
+    end = time.monotonic() + within_s
+    while time.monotonic() < end:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_stores_reach_this_process_intake_from_the_child(
+    dcmtk: dict[str, str], started: tuple[DimseProcess, RecordingIntake]
+) -> None:
+    server, intake = started
+    assert server.running and child_pid(server) != os.getpid()
+    done = store(dcmtk, server, [ct_path(), ct_path()])  # type: ignore[arg-type]
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (done.stdout + done.stderr).count("Received Store Response (Success)") == 2
+    assert [source for _, source in intake.received] == ["dimse", "dimse"]
+    assert intake.received[0][0][128:132] == b"DICM"  # the Part 10 bytes, as sent
+    assert (server.stored, server.refused) == (2, 0)
+
+
+def test_a_refusal_and_an_unready_intake_keep_their_statuses(
+    dcmtk: dict[str, str], started: tuple[DimseProcess, RecordingIntake]
+) -> None:
+    server, intake = started
+    intake.refuse = OUT_OF_RESOURCES
+    refused = store(dcmtk, server, [ct_path()])  # type: ignore[arg-type]
+    assert "Refused: OutOfResources" in refused.stdout + refused.stderr
+    intake.refuse, intake.unavailable = None, True
+    waiting = store(dcmtk, server, [ct_path()])  # type: ignore[arg-type]
+    assert "Refused: OutOfResources" in waiting.stdout + waiting.stderr
+    assert intake.received == [] and server.refused == 2
+
+
+def test_answer_reports_each_outcome() -> None:
+    assert answer(None, b"") == {"unavailable": "MedServe is not ready to accept instances"}
+
+    class Broken:
+        def accept_bytes(
+            self, data: bytes, source: str, *, study_instance_uid: str | None = None
+        ) -> AcceptResult:
+            raise ValueError("no")
+
+    assert answer(Broken(), b"") == {"error": "the intake failed"}
+    reply = answer(RecordingIntake(refuse=OUT_OF_RESOURCES), ct_path().read_bytes())
+    assert reply["result"]["failure_reason"] == OUT_OF_RESOURCES and not reply["result"]["accepted"]
+
+
+def test_a_child_that_dies_is_started_again(
+    dcmtk: dict[str, str], started: tuple[DimseProcess, RecordingIntake]
+) -> None:
+    server, _ = started
+    first = child_pid(server)
+    os.kill(first, signal.SIGKILL)
+    end = time.monotonic() + 60
+    while (server._process is None or child_pid(server) == first) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert child_pid(server) != first
+    ok = echo(dcmtk, server, "MODALITY")  # type: ignore[arg-type]
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_stop_ends_the_child_and_frees_the_port(dcmtk: dict[str, str]) -> None:
+    server = node(RecordingIntake())
+    server.start()
+    pid = child_pid(server)
+    server.stop()
+    assert not server.running and gone(pid)
+    after = run([dcmtk["echoscu"], "-to", "5", "-aet", "MODALITY", "-aec", AE, "127.0.0.1", str(server.port)])
+    assert after.returncode != 0
+    again = DimseProcess(lambda: None, ae_title=AE, port=server.port, host="127.0.0.1", allowed=[])
+    again.start()  # the port is free again
+    again.stop()
+
+
+def test_a_port_in_use_is_an_os_error_with_its_errno(started: tuple[DimseProcess, RecordingIntake]) -> None:
+    server, _ = started
+    other = DimseProcess(lambda: None, ae_title=AE, port=server.port, host="127.0.0.1", allowed=[])
+    with pytest.raises(OSError) as raised:
+        other.start()
+    assert raised.value.errno == 98  # EADDRINUSE
+    assert not other.running
+
+
+def test_the_child_dies_with_a_killed_service(tmp_path: Path) -> None:
+    """A parent that is SIGKILLed (no clean-up runs) takes its DICOM node process with it."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, signal, sys
+            sys.path.insert(0, {str(ROOT)!r})
+            from app.pacs.dimse_node import DimseProcess
+            server = DimseProcess(lambda: None, ae_title="MEDSERVE", port={free_port()}, host="127.0.0.1",
+                                  allowed=[])
+            server.start()
+            print(server._process.pid, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+            """
+        )
+    )
+    parent = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert parent.returncode == -signal.SIGKILL, parent.stderr
+    assert gone(int(parent.stdout.split()[0]))
