@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import CheckpointError, CheckpointMetadata
+from models.dicom_results import ResultRequest
 from models.dicom_seg import safe_identifiers
 from models.imageio import DecodedImage, DicomRef, ImageError, read_image, resolve_intensity
 from models.inference import Precision, forward, prepare_for_device
@@ -164,6 +165,10 @@ class OutputFormat(Generic[RunnerT]):
             made otherwise (``POST /segment/interactive``) do not offer it.
         check_options: refuses, before inference, request options the format cannot honour for this model
             (``(runner, options) -> None``, raising an ``app.errors.Problem``), e.g. an unknown class.
+        result_request: for a DICOM result, the encoder's first half: (runner, predictions, options) ->
+            ``models.dicom_results.ResultRequest``, everything but the source image, so that the object can be
+            written in another process that reads the source itself (the job system's writer processes);
+            ``encoder`` must equal writing that request for the input's source.
     """
 
     task: str
@@ -179,6 +184,9 @@ class OutputFormat(Generic[RunnerT]):
     one_image: bool = False
     needs_scores: bool = False
     check_options: Callable[[RunnerT, ResponseOptions], None] | None = None
+    result_request: Callable[[RunnerT, Sequence[Prediction[Any]], ResponseOptions], ResultRequest] | None = (
+        None
+    )
 
 
 def read_upload(upload: ImageUpload, *, max_pixels: int | None, intensity: str) -> DecodedImage:

@@ -32,8 +32,9 @@ from app.errors import InvalidRequest
 from app.ood import ood_json
 from app.runners import RUNNERS, ClassificationRunner, SegmentationRunner
 from app.schemas import SegmentSummary
-from models.dicom_seg import SAFE_UID_KEYWORDS, SEG_MEDIA_TYPE, DicomSegError, build_dicom_seg
-from models.dicom_sr import SR_MEDIA_TYPE, DicomSrError, build_dicom_sr
+from models.dicom_results import ResultRequest, build_result
+from models.dicom_seg import SAFE_UID_KEYWORDS, SEG_MEDIA_TYPE, DicomSegError
+from models.dicom_sr import SR_MEDIA_TYPE, DicomSrError
 from models.imageio import UnprocessableImageError, UnsupportedImageError
 
 # Overlay colours (RGB) for classes 1, 2, ...; background (0) is left uncoloured.
@@ -296,6 +297,31 @@ def check_sr_source(item: ModelInput) -> None:
     check_dicom_reference(item, "DICOM SR")
 
 
+def dicom_seg_request(
+    runner: SegmentationRunner, predictions: Sequence[Prediction[Any]], options: ResponseOptions
+) -> ResultRequest:
+    """What the DICOM SEG of one prediction needs but its source (``models.dicom_results``).
+
+    Raises:
+        models.imageio.UnprocessableImageError: a source a SEG cannot reference (e.g. an unknown SOP class).
+    """
+    item, mask = only_mask(runner, predictions)
+    check_seg_source(item)  # the route checked before inference; encoding must not rely on it
+    # The smallest integer type: the request may cross to another process (a 2048 x 2048 mask is 4 MB, not 32)
+    mask = np.asarray(mask).astype(np.uint8 if len(runner.classes) <= 256 else np.uint16, copy=False)
+    return ResultRequest(
+        "seg",
+        (mask, list(runner.classes)),
+        {
+            "algorithm_name": runner.name,
+            "algorithm_version": runner.version,
+            "series_description": f"MedServe {runner.name} segmentation",
+            "series_instance_uid": options.series_instance_uid,
+            "sop_instance_uid": options.sop_instance_uid,
+        },
+    )
+
+
 def encode_dicom_seg(
     runner: SegmentationRunner, predictions: Sequence[Prediction[Any]], options: ResponseOptions
 ) -> bytes:
@@ -304,21 +330,16 @@ def encode_dicom_seg(
     Raises:
         models.imageio.UnprocessableImageError: a source a SEG cannot reference (e.g. an unknown SOP class).
     """
-    item, mask = only_mask(runner, predictions)
-    check_seg_source(item)  # the route checked before inference; encoding must not rely on it
+    request = dicom_seg_request(runner, predictions, options)
+    return write_result(request, predictions[0].input)
+
+
+def write_result(request: ResultRequest, item: ModelInput) -> bytes:
+    """``request`` written for the source DICOM of ``item``; a writer's refusal as ``UnprocessableImageError``."""
     assert item.source is not None
     try:
-        return build_dicom_seg(
-            item.source,
-            mask,
-            runner.classes,
-            algorithm_name=runner.name,
-            algorithm_version=runner.version,
-            series_description=f"MedServe {runner.name} segmentation",
-            series_instance_uid=options.series_instance_uid,
-            sop_instance_uid=options.sop_instance_uid,
-        )
-    except DicomSegError as exc:
+        return build_result(request, item.source)
+    except (DicomSegError, DicomSrError) as exc:
         raise UnprocessableImageError(str(exc)) from exc
 
 
@@ -357,6 +378,35 @@ def encode_predictions(
     return json.dumps({"model": runner.name, "version": runner.version, "predictions": answers}).encode()
 
 
+def dicom_sr_request(
+    runner: ClassificationRunner, predictions: Sequence[Prediction[Any]], options: ResponseOptions
+) -> ResultRequest:
+    """What the DICOM SR of one prediction needs but its source (``models.dicom_results``).
+
+    Raises:
+        models.imageio.UnprocessableImageError: a source an SR cannot reference (e.g. an unknown SOP class).
+    """
+    if len(predictions) != 1:
+        raise ValueError(f"a DICOM SR answer covers one image, got {len(predictions)}")
+    item, probs = predictions[0].input, np.clip(np.asarray(predictions[0].output, dtype=np.float64), 0.0, 1.0)
+    check_sr_source(item)  # the route checked before inference; encoding must not rely on it
+    classes = list(runner.classes)
+    order = np.argsort(-probs, kind="stable")
+    reported = order[: options.top_k] if options.top_k is not None else np.arange(len(classes))
+    return ResultRequest(
+        "sr",
+        ({classes[int(i)]: float(probs[int(i)]) for i in reported}, classes[int(order[0])]),
+        {
+            "classes": classes,
+            "model_name": runner.name,
+            "model_version": runner.version,
+            "series_description": f"MedServe {runner.name} classification",
+            "series_instance_uid": options.series_instance_uid,
+            "sop_instance_uid": options.sop_instance_uid,
+        },
+    )
+
+
 def encode_dicom_sr(
     runner: ClassificationRunner, predictions: Sequence[Prediction[Any]], options: ResponseOptions
 ) -> bytes:
@@ -366,28 +416,7 @@ def encode_dicom_sr(
     Raises:
         models.imageio.UnprocessableImageError: a source an SR cannot reference (e.g. an unknown SOP class).
     """
-    if len(predictions) != 1:
-        raise ValueError(f"a DICOM SR answer covers one image, got {len(predictions)}")
-    item, probs = predictions[0].input, np.clip(np.asarray(predictions[0].output, dtype=np.float64), 0.0, 1.0)
-    check_sr_source(item)  # the route checked before inference; encoding must not rely on it
-    assert item.source is not None
-    classes = list(runner.classes)
-    order = np.argsort(-probs, kind="stable")
-    reported = order[: options.top_k] if options.top_k is not None else np.arange(len(classes))
-    try:
-        return build_dicom_sr(
-            item.source,
-            {classes[int(i)]: float(probs[int(i)]) for i in reported},
-            classes[int(order[0])],
-            classes=classes,
-            model_name=runner.name,
-            model_version=runner.version,
-            series_description=f"MedServe {runner.name} classification",
-            series_instance_uid=options.series_instance_uid,
-            sop_instance_uid=options.sop_instance_uid,
-        )
-    except DicomSrError as exc:
-        raise UnprocessableImageError(str(exc)) from exc
+    return write_result(dicom_sr_request(runner, predictions, options), predictions[0].input)
 
 
 # -- the built-in formats -------------------------------------------------------------------------------
@@ -460,6 +489,7 @@ BUILT_IN_FORMATS: tuple[OutputFormat[Any], ...] = (
         name="dicom-seg",
         media_type=SEG_MEDIA_TYPE,
         encoder=encode_dicom_seg,
+        result_request=dicom_seg_request,
         description="a DICOM Segmentation object (`application/dicom`) in the source's study, referencing the "
         "source series and instance, one segment per foreground class named after it.",
         needs_source=True,
@@ -489,6 +519,7 @@ BUILT_IN_FORMATS: tuple[OutputFormat[Any], ...] = (
         name="dicom-sr",
         media_type=SR_MEDIA_TYPE,
         encoder=encode_dicom_sr,
+        result_request=dicom_sr_request,
         description="a DICOM Structured Report (`application/dicom`; Comprehensive 3D SR, TID 1500 measurement "
         "report) in the source's study, referencing the source image: the predicted label as a qualitative "
         "evaluation, each class probability (or the `top_k` best) as a numeric one, the model as contributing "

@@ -146,6 +146,13 @@ class Settings(BaseSettings):
         default=None, description="YAML or JSON routing rules; default: every image to every ready model"
     )
     jobs_concurrency: int = Field(default=32, ge=1, le=4096, description="jobs in flight per service process")
+    jobs_writers: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="processes writing the jobs' DICOM results beside the service (app.pacs.writers); 0: in "
+        "the service's threads",
+    )
     jobs_lease_s: float = Field(
         default=30.0,
         gt=0.0,

@@ -25,6 +25,7 @@ from app.pacs.routing import Router, load_rules
 from app.pacs.spool import Spool
 from app.pacs.store import JobStore, StoreError, safe_url
 from app.pacs.worker import JobWorker, RegistryCatalog, select_sink
+from app.pacs.writers import ResultWriters
 from app.registry import ModelRegistry
 from app.settings import Settings, SettingsError, env_name
 
@@ -68,11 +69,15 @@ class PacsService:
     metrics: JobMetrics
 
     def start(self) -> None:
+        if self.worker.writers is not None:
+            self.worker.writers.start()
         self.worker.start()
 
     async def stop(self) -> None:
         """Stops the worker (the jobs in hand go back to the queue), then closes the store."""
         await self.worker.stop()
+        if self.worker.writers is not None:
+            await asyncio.to_thread(self.worker.writers.close)
         await asyncio.to_thread(self.store.close)
         self.spool.close()
 
@@ -117,7 +122,14 @@ def open_pacs(
     sink = select_sink(settings, spool)
     intake = Intake(store, spool, router, RegistryCatalog(registry), on_accept=metrics.observe_received)
     worker = JobWorker(
-        store=store, spool=spool, registry=registry, sink=sink, settings=settings, pool=pool, metrics=metrics
+        store=store,
+        spool=spool,
+        registry=registry,
+        sink=sink,
+        settings=settings,
+        pool=pool,
+        metrics=metrics,
+        writers=ResultWriters(settings.jobs_writers) if settings.jobs_writers else None,
     )
     intake.wake = worker.wake
     logger.info(

@@ -58,10 +58,13 @@ from app.pacs.results import (
 )
 from app.pacs.spool import Spool
 from app.pacs.store import DONE_OUTCOME, FAILED_OUTCOME, RETRY_OUTCOME, Claimed, JobStore, Settled
+from app.pacs.writers import ResultWriters, WriterUnavailable
 from app.registry import ModelHandle, ModelRegistry
 from app.settings import Settings
+from models.dicom_seg import DicomSegError
+from models.dicom_sr import DicomSrError
 from models.dicom_uids import result_instance_uid, result_series_uid
-from models.imageio import ImageError
+from models.imageio import ImageError, UnprocessableImageError
 
 logger = logging.getLogger("medserve.pacs.worker")
 
@@ -174,8 +177,10 @@ class JobWorker:
         settings: Settings,
         pool: Executor,
         metrics: JobMetrics | None = None,
+        writers: ResultWriters | None = None,
     ) -> None:
         self.store = store
+        self.writers = writers
         self.spool = spool
         self.registry = registry
         self.sink = sink
@@ -419,8 +424,8 @@ class JobWorker:
         # The writers take the deterministic UIDs: the object is written once, with them.
         options = ResponseOptions(series_instance_uid=series_uid, sop_instance_uid=sop_uid)
         try:
-            part10 = await self._in_pool(
-                self._encode, runner, output_format, Prediction(item, output), options
+            part10 = await self._write(
+                runner, output_format, Prediction(item, output), options, job.spool_path
             )
         except ImageError as exc:
             await self._fail(job, f"cannot write the {kind.upper()} result: {exc}")
@@ -438,6 +443,26 @@ class JobWorker:
             job_id=job.id,
             model=job.model,
         )
+
+    async def _write(
+        self,
+        runner: Runner[Any],
+        output_format: OutputFormat[Any],
+        prediction: Prediction[Any],
+        options: ResponseOptions,
+        source_path: str,
+    ) -> bytes:
+        """The result object: by a writer process from the spooled instance (``app.pacs.writers``), else (no
+        writers, a format without ``result_request``, a writer that died) by the output format in a thread."""
+        if self.writers is not None and output_format.result_request is not None:
+            request = await self._in_pool(output_format.result_request, runner, [prediction], options)
+            try:
+                return await self.writers.write(request, source_path)
+            except (DicomSegError, DicomSrError) as exc:
+                raise UnprocessableImageError(str(exc)) from exc
+            except (WriterUnavailable, OSError):
+                pass  # written here instead
+        return await self._in_pool(self._encode, runner, output_format, prediction, options)
 
     @staticmethod
     def _encode(

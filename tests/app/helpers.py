@@ -229,13 +229,15 @@ def settings(model_dir: Path, **overrides: Any) -> Settings:
     """Service settings for tests: small thread pool, short delays unless a test says otherwise."""
     # Batch-size tuning off: tests need MAX_BATCH_SIZE as given, whatever the machine's timings. PyTorch eager
     # only (no ONNX export per test model, no extra forward passes at load): tests/app/test_runtimes.py runs
-    # the other runtimes.
+    # the other runtimes. Results written in the job worker's threads: a writer process per in-process service
+    # would cost each test a spawn (tests/app/pacs/test_writers.py and the real-process tests run them).
     values: dict[str, Any] = {
         "model_dir": model_dir,
         "decode_workers": 2,
         "max_batch_delay_ms": 20.0,
         "batch_autotune": False,
         "runtime": "torch",
+        "jobs_writers": 0,
     }
     values.update(overrides)
     return Settings(**values)
