@@ -113,9 +113,9 @@ async def test_a_writers_refusal_reaches_the_caller(writers: ResultWriters, tmp_
 
 async def test_a_writer_that_dies_is_replaced(writers: ResultWriters) -> None:
     await writers.write(seg_request(), ct_file())
-    before = {p.pid for p in multiprocessing.active_children()}
+    before = {p.pid for p in multiprocessing.active_children() if p.pid is not None}
     for pid in before:
-        os.kill(int(pid), signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
     with pytest.raises(WriterUnavailable):
         for _ in range(50):  # the pool sees its process gone at the latest at the next submission
             await writers.write(seg_request(), ct_file())
