@@ -7,7 +7,8 @@ Orthanc by STOW-RS and listening for DICOM on a free port. Then, in this order:
 1. ``/segment`` (HTTP path, no jobs in the system): ``--instances`` requests of the same CT instances (DICOM
    bodies), ``--concurrency`` at a time; images/s for the PNG answer and for ``format=dicom-seg`` (the work a
    job does, minus the delivery).
-   Every path also reports the CPU milliseconds per instance the service and Orthanc spent (``/proc``).
+   Every path also reports the CPU milliseconds per instance the service (its child processes included: the
+   DICOM node, the result writers) and Orthanc spent (``/proc``).
 2. STOW-RS: the same number of new instances in requests of ``--per-request``; instances/s accepted (the time
    of the requests alone), jobs/s processed (instances / the time from the first request to the last result
    stored in Orthanc) and the latency of each instance from its acceptance (its STOW-RS answer) to its SEG
@@ -151,26 +152,53 @@ def batch_counts(base: str) -> tuple[int, int]:
     return sum(s.get("batches", 0) for s in stats), sum(s.get("requests", 0) for s in stats)
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (Linux /proc): the service's DICOM node and result writers."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
 class CpuMeter:
-    """CPU seconds the service and Orthanc spend between ``start()`` and ``stop()``, per instance, and the
-    mean size of the model batches run meanwhile."""
+    """CPU seconds the service (with its child processes: the DICOM node, the result writers) and Orthanc spend
+    between ``start()`` and ``stop()``, per instance, and the mean size of the model batches run meanwhile."""
 
     def __init__(self, service: Service, orthanc: Orthanc) -> None:
         assert orthanc.process is not None
         self.base = service.base
-        self.pids = {"service": service.pid, "orthanc": orthanc.process.pid}
-        self.before: dict[str, float] = {}
+        self.service_pid = service.pid
+        self.orthanc_pid = orthanc.process.pid
+        self.before: dict[int, float] = {}
         self.batches_before = (0, 0)
 
+    def _service_pids(self) -> list[int]:
+        return [self.service_pid, *descendants(self.service_pid)]
+
     def start(self) -> CpuMeter:
-        self.before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.before = {pid: cpu_seconds(pid) for pid in [*self._service_pids(), self.orthanc_pid]}
         self.batches_before = batch_counts(self.base)
         return self
 
+    def _spent(self, pids: list[int]) -> float:
+        # a child started meanwhile counts from 0; one that exited meanwhile is lost (none do in a run)
+        return sum(cpu_seconds(pid) - self.before.get(pid, 0.0) for pid in pids)
+
     def per_instance(self, instances: int) -> dict[str, float]:
+        service_pids = self._service_pids()
         figures = {
-            f"{name}_cpu_ms_per_instance": 1000.0 * (cpu_seconds(pid) - self.before[name]) / instances
-            for name, pid in self.pids.items()
+            "service_cpu_ms_per_instance": 1000.0 * self._spent(service_pids) / instances,
+            "service_children_cpu_ms_per_instance": 1000.0 * self._spent(service_pids[1:]) / instances,
+            "orthanc_cpu_ms_per_instance": 1000.0 * self._spent([self.orthanc_pid]) / instances,
         }
         batches, requests = batch_counts(self.base)
         batches -= self.batches_before[0]
@@ -412,18 +440,20 @@ def print_table(report: dict[str, Any]) -> None:
         f"\nPACS throughput ({report['instances']} instances of {report['size']}x{report['size']}, model {report['model']})"
     )
     print(
-        f"{'path':<28}{'in/s':>9}{'jobs/s':>9}{'p50 s':>9}{'p95 s':>9}{'cpu ms':>9}{'orthanc':>9}{'batch':>7}"
+        f"{'path':<28}{'in/s':>9}{'jobs/s':>9}{'p50 s':>9}{'p95 s':>9}{'cpu ms':>9}{'in kids':>9}{'orthanc':>9}{'batch':>7}"
     )
     for row in report["http"]:
         print(
             f"{row['endpoint']:<28}{row['images_per_s']:>9.2f}{'':>9}{row['latency_p50_s']:>9.3f}"
             f"{row['latency_p95_s']:>9.3f}{row['service_cpu_ms_per_instance']:>9.1f}"
+            f"{row['service_children_cpu_ms_per_instance']:>9.1f}"
             f"{row['orthanc_cpu_ms_per_instance']:>9.1f}{row['mean_batch_size']:>7.1f}"
         )
     for row in report["jobs"]:
         print(
             f"{row['path'] + ' -> Orthanc':<28}{row['accepted_per_s']:>9.2f}{row['jobs_per_s']:>9.2f}"
             f"{row['latency_p50_s']:>9.3f}{row['latency_p95_s']:>9.3f}{row['service_cpu_ms_per_instance']:>9.1f}"
+            f"{row['service_children_cpu_ms_per_instance']:>9.1f}"
             f"{row['orthanc_cpu_ms_per_instance']:>9.1f}{row['mean_batch_size']:>7.1f}"
         )
     big = report["stow_50"]

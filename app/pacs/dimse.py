@@ -16,8 +16,9 @@ not supported"), so a store of it gets the SOP class not supported outcome (0x01
 Whether a model can decode an instance is the job's business: a compressed or multi-frame instance is accepted
 here and its job fails with the reason.
 
-Each C-STORE hands the received Part 10 bytes to the intake (``app.pacs.intake``) in pynetdicom's handler
-thread and answers its outcome: 0x0000 when accepted (also for an instance already known), 0xA700 (out of
+Each C-STORE hands the received Part 10 bytes to the intake (``app.pacs.intake``; in the service, the bridge of
+``app.pacs.dimse_node``, which runs this server in a child process) in pynetdicom's handler thread and answers
+its outcome: 0x0000 when accepted (also for an instance already known), 0xA700 (out of
 resources) when the spool is full or nothing can be accepted yet, 0xA900 when the data set does not match,
 0xC000 when the instance cannot be understood, 0xC001 when processing it failed. Nothing a caller sends is
 logged but UIDs, AE titles and addresses; pynetdicom's own logger is limited to warnings (its debug and info

@@ -7,7 +7,7 @@ returns: once it has answered ``accepted``, the instance survives a crash and le
 job. The same SOP Instance UID sent again is accepted again (``duplicate=True``) and makes no new job.
 
 Signatures (every method is thread-safe; the synchronous ones block on disk and database I/O, so call them
-from a worker thread, e.g. pynetdicom's handler thread, never from the event loop):
+from a worker thread, e.g. the DICOM node's bridge thread, never from the event loop):
 
     Intake.accept_bytes(data: bytes, source: str, *, study_instance_uid: str | None = None) -> AcceptResult
     Intake.accept_dataset(dataset: pydicom.Dataset, source: str) -> AcceptResult
