@@ -69,8 +69,6 @@ class PacsService:
     metrics: JobMetrics
 
     def start(self) -> None:
-        if self.worker.writers is not None:
-            self.worker.writers.start()
         self.worker.start()
 
     async def stop(self) -> None:

@@ -289,6 +289,8 @@ class JobWorker:
                     claimed = await asyncio.to_thread(self.store.claim, self.owner, versions, free, lease_s)
                 except Exception:
                     logger.exception("cannot claim jobs from the job store; retrying")
+            if claimed and self.writers is not None:
+                self.writers.start()  # once: spawned while the first jobs decode and run
             for job in claimed:
                 self.stats.claimed += 1
                 task = asyncio.create_task(self._job(job, ready[job.model]), name=f"job-{job.id}")

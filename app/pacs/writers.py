@@ -6,8 +6,8 @@ the model's thread need too. With ``MEDSERVE_JOBS_WRITERS`` > 0 (default 1), a j
 that many processes (a ``ProcessPoolExecutor``, spawned: nothing of the service's threads is inherited): the
 service sends the result's ``models.dicom_results.ResultRequest`` (the mask or the probabilities, the classes,
 the model and the UIDs; no patient data) and the spooled instance's path, the writer reads the instance and
-returns the Part 10 bytes. The object is the one ``/segment?format=dicom-seg`` (or ``/classify?format=dicom-sr``)
-writes for the same instance. Writers run at a lower scheduling priority, so that on a busy CPU interactive
+returns the Part 10 bytes. The writers start with the worker's first jobs. The object is the one
+``/segment?format=dicom-seg`` (or ``/classify?format=dicom-sr``) writes for the same instance. Writers run at a lower scheduling priority, so that on a busy CPU interactive
 requests go first. 0 writes results in the service's threads, as interactive requests do.
 
 A writer process that dies takes its results with it (``BrokenProcessPool``): the pool is started again and
@@ -69,7 +69,16 @@ class ResultWriters:
                 )
             return self._pool
 
+    @property
+    def started(self) -> bool:
+        return self._pool is not None
+
     def start(self) -> None:
+        """Spawns the writers and warms them up, once (the worker calls it when it takes its first jobs: a
+        service that never gets any spends no process on them)."""
+        with self._lock:
+            if self._pool is not None or self._closed:
+                return
         pool = self._executor()
         for _ in range(self.processes):
             pool.submit(_warm_up)

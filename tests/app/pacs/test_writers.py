@@ -140,10 +140,13 @@ async def test_jobs_results_are_the_same_with_and_without_writers(
     config = settings(pixel_dir, **pacs_settings(tmp_path, jobs_writers=processes))
     source = to_bytes(instance(3))
     async with serve(config) as (app, client):
-        assert (app.state.pacs.worker.writers is None) == (processes == 0)
+        writers = app.state.pacs.worker.writers
+        assert (writers is None) == (processes == 0)
+        assert writers is None or not writers.started  # no process before the first job
         assert (await stow(client, [source])).status_code == 200
         (job,) = await wait_for_jobs(client, {"done", "failed"}, 1)
         assert job["state"] == "done", job
+        assert writers is None or writers.started
         segment = await client.post(
             "/segment?format=dicom-seg", content=source, headers={"content-type": "application/dicom"}
         )
