@@ -22,7 +22,6 @@ metrics:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import json
@@ -41,6 +40,7 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
 
+from app.pacs.children import die_with_parent
 from app.pacs.dimse import SOURCE, AllowedPeer, DimseServer, IntakeLike, parse_allowed
 from app.pacs.intake import AcceptResult, IntakeUnavailable
 from app.settings import Settings, env_name
@@ -51,7 +51,6 @@ START_TIMEOUT_S = 60.0  # the child imports pynetdicom and pydicom before it lis
 STOP_TIMEOUT_S = 10.0
 RESTART_DELAY_S = 1.0
 NOT_READY = "MedServe is not ready to accept instances"
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -344,17 +343,8 @@ class BridgedIntake:
         return AcceptResult(**reply["result"])
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel sends SIGKILL to this process when the service dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def main() -> int:
-    parent = os.getppid()
-    _die_with_parent()
-    if os.getppid() != parent:  # the service died before the signal was set
+    if not die_with_parent(os.getppid()):
         return 1
     config = NodeConfig(**json.loads(sys.stdin.readline()))
     from app.logs import configure_logging

@@ -25,6 +25,7 @@ import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
+from app.pacs.children import die_with_parent
 from models.dicom_results import ResultRequest, build_result_from_file
 
 logger = logging.getLogger("medserve.pacs.writers")
@@ -32,7 +33,9 @@ logger = logging.getLogger("medserve.pacs.writers")
 WRITER_NICENESS = 5  # as the service's decoding threads (app.main.IO_THREAD_NICENESS)
 
 
-def _init_writer() -> None:
+def _init_writer(parent: int) -> None:
+    if not die_with_parent(parent):
+        os._exit(1)  # the service is gone already
     if hasattr(os, "nice"):
         with contextlib.suppress(OSError):
             os.nice(WRITER_NICENESS)
@@ -65,7 +68,10 @@ class ResultWriters:
                 raise WriterUnavailable("the result writers are shut down")
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(
-                    self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_init_writer
+                    self.processes,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_init_writer,
+                    initargs=(os.getpid(),),
                 )
             return self._pool
 

@@ -7,6 +7,9 @@ import asyncio
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from models.dicom_seg import DicomSegError
 from tests.app.helpers import serve, settings
 from tests.app.pacs.helpers import instance, pacs_settings, stow, wait_for_jobs
 from tests.models.test_dicom import to_bytes
+from tests.pacs.test_dimse_node import ROOT, gone
 
 pytestmark = [
     pytest.mark.anyio,
@@ -157,3 +161,32 @@ async def test_jobs_results_are_the_same_with_and_without_writers(
     assert [s.SegmentLabel for s in written.SegmentSequence] == [
         s.SegmentLabel for s in answered.SegmentSequence
     ]
+
+
+def test_writers_die_with_a_killed_service(tmp_path: Path) -> None:
+    """A service killed with SIGKILL (no clean-up runs) takes its writer processes with it."""
+    script = tmp_path / "service.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import multiprocessing, os, signal, sys, time
+            sys.path.insert(0, {str(ROOT)!r})
+            from app.pacs.writers import ResultWriters
+
+            if __name__ == "__main__":
+                writers = ResultWriters(1)
+                writers.start()
+                while not multiprocessing.active_children():
+                    time.sleep(0.05)
+                print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+                time.sleep(1.0)  # the writer's initializer has run
+                os.kill(os.getpid(), signal.SIGKILL)
+            """
+        )
+    )
+    service = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert service.returncode == -signal.SIGKILL, service.stderr
+    pids = [int(pid) for pid in service.stdout.split()]
+    assert pids and all(gone(pid) for pid in pids)
