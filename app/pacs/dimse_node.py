@@ -36,6 +36,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,6 @@ class DimseProcess:
         self._authkey = b""
         self._process: subprocess.Popen[str] | None = None
         self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
 
     @property
     def running(self) -> bool:
@@ -160,7 +160,6 @@ class DimseProcess:
             target=self._serve, args=(self._listener,), name="medserve-dimse-bridge", daemon=True
         )
         bridge.start()
-        self._threads.append(bridge)
         try:
             self._process = self._launch(config)
         except BaseException:
@@ -168,7 +167,6 @@ class DimseProcess:
             raise
         watcher = threading.Thread(target=self._watch, name="medserve-dimse-watch", daemon=True)
         watcher.start()
-        self._threads.append(watcher)
         logger.info(
             "DICOM node %s listening on %s:%d in process %d (%d caller(s) allowed)",
             self.ae_title,
@@ -211,9 +209,9 @@ class DimseProcess:
         while not self._stopping.is_set():
             try:
                 conn = listener.accept()
-            except (OSError, EOFError):
-                if self._stopping.is_set():
-                    return
+            except (OSError, EOFError, AuthenticationError):
+                if self._stopping.is_set() or self._listener is not listener:
+                    return  # stopped, or closed after a start that failed
                 continue  # a failed handshake (wrong key): the next one
             thread = threading.Thread(
                 target=self._serve_one, args=(conn,), name="medserve-dimse-store", daemon=True
@@ -277,6 +275,10 @@ class DimseProcess:
     def _close(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
+            # Closing a listening socket does not wake a thread blocked in accept(): a handshake with a wrong key
+            # does, and the bridge thread then sees its listener gone and ends.
+            with contextlib.suppress(OSError, EOFError, AuthenticationError):
+                Client(listener.address, family="AF_UNIX", authkey=b"wake").close()
             with contextlib.suppress(OSError):
                 listener.close()
         if self._folder is not None:

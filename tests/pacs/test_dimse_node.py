@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,11 +137,20 @@ def test_stop_ends_the_child_and_frees_the_port(dcmtk: dict[str, str]) -> None:
 
 def test_a_port_in_use_is_an_os_error_with_its_errno(started: tuple[DimseProcess, RecordingIntake]) -> None:
     server, _ = started
+
+    def bridges() -> int:
+        return sum(t.name == "medserve-dimse-bridge" and t.is_alive() for t in threading.enumerate())
+
+    before = bridges()
     other = DimseProcess(lambda: None, ae_title=AE, port=server.port, host="127.0.0.1", allowed=[])
     with pytest.raises(OSError) as raised:
         other.start()
     assert raised.value.errno == 98  # EADDRINUSE
     assert not other.running
+    end = time.monotonic() + 30
+    while bridges() > before and time.monotonic() < end:
+        time.sleep(0.05)
+    assert bridges() == before  # the failed start's bridge thread ended (not left blocked in accept())
 
 
 def test_the_child_dies_with_a_killed_service(tmp_path: Path) -> None:
