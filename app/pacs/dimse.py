@@ -91,6 +91,11 @@ SUCCESS = 0x0000
 PROCESSING_FAILED = 0xC001  # "cannot understand" range: the instance could not be processed
 INTERNAL_ERROR = 0xC002
 _LO_MAX = 64  # ErrorComment is LO
+# The largest PDU the SCP receives (pynetdicom's default: 16 382 bytes). A 256 x 256 CT comes in one or two
+# PDUs instead of eight, and each PDU costs pynetdicom a pass of its polling reactors: measured with storescu
+# beside an intake that takes 20 ms, 36 instead of 26 C-STOREs/s and 4.9 instead of 7.0 ms of CPU each. A
+# caller may still send smaller ones; memory per association stays bounded by this.
+MAX_PDU_BYTES = 256 * 1024
 
 
 class IntakeLike(Protocol):
@@ -294,6 +299,7 @@ class DimseServer:
         ae = gated_ae(self.ae_title, self.allowed_titles)
         ae.require_called_aet = True
         ae.maximum_associations = self.max_associations
+        ae.maximum_pdu_size = MAX_PDU_BYTES
         ae.acse_timeout = self.timeout_s
         ae.dimse_timeout = self.timeout_s
         ae.network_timeout = self.timeout_s

@@ -12,7 +12,12 @@ from a worker thread, e.g. the DICOM node's bridge thread, never from the event 
     Intake.accept_bytes(data: bytes, source: str, *, study_instance_uid: str | None = None) -> AcceptResult
     Intake.accept_dataset(dataset: pydicom.Dataset, source: str) -> AcceptResult
     Intake.accept_many(items: Sequence[bytes], source: str, *, study_instance_uid=None) -> list[AcceptResult]
+    Intake.accept_spooled(instance: SpooledInstance, source: str) -> AcceptResult
     await Intake.accept_bytes_async(data, source, *, study_instance_uid=None) -> AcceptResult   (routes)
+
+``accept_spooled`` takes an instance that another process (the DICOM node) checked with ``inspect_instance``
+and wrote into this intake's spool with ``Spool.receive``: it is counted against the spool's limit, recorded
+and routed here, so the service's own share of a C-STORE is one small message and one commit.
 
 ``source`` is ``stow``, ``dimse`` or ``pull``. ``study_instance_uid``: the instance must belong to this study
 (STOW-RS to ``/dicomweb/studies/{StudyInstanceUID}``), else it fails with ``STUDY_MISMATCH``.
@@ -34,7 +39,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pydicom
 from pydicom.datadict import dictionary_VR
@@ -270,6 +275,26 @@ def inspect_instance(data: bytes) -> Inspected:
     )
 
 
+@dataclass(frozen=True)
+class SpooledInstance:
+    """An instance checked (``inspect_instance``) and written into the spool (``Spool.receive``) by another
+    process: ``previous`` is the size of the earlier copy it replaced (None when there was none)."""
+
+    found: Inspected
+    path: str
+    size: int
+    previous: int | None
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> SpooledInstance:
+        found = dict(value["found"])
+        found["attributes"] = InstanceAttributes(**found["attributes"])
+        return cls(Inspected(**found), str(value["path"]), int(value["size"]), value["previous"])
+
+
 def dataset_bytes(dataset: Dataset) -> bytes:
     """A pydicom ``Dataset`` (e.g. pynetdicom's ``event.dataset``, whose ``file_meta`` is set) as Part 10 bytes.
 
@@ -443,7 +468,12 @@ class Intake:
         return results
 
     def _record(
-        self, pending: list[tuple[int, Inspected, Path, bool, int]], results: list[AcceptResult], source: str
+        self,
+        pending: list[tuple[int, Inspected, Path, bool, int]],
+        results: list[AcceptResult],
+        source: str,
+        *,
+        synced: bool = False,
     ) -> None:
         choices = self.catalog.choices()
         entries = [
@@ -463,7 +493,8 @@ class Intake:
             for _, found, path, _, size in pending
         ]
         try:
-            self.spool.sync_instances()  # the renames are durable before the store says "accepted"
+            if not synced:
+                self.spool.sync_instances()  # the renames are durable before the store says "accepted"
             recorded = self.store.record_many(entries)
         except Exception:
             logger.exception("cannot record instances in the job store")
@@ -483,6 +514,52 @@ class Intake:
             )
         if any(record.new_jobs for record in recorded) and self.wake is not None:
             self.wake()
+
+    def accept_spooled(self, instance: SpooledInstance, source: str) -> AcceptResult:
+        """Counts, records and routes an instance another process spooled (see the module docstring). A refused
+        one is deleted from the spool unless it replaced an earlier copy (which its records still name).
+
+        Raises:
+            IntakeUnavailable: models are still loading (the caller deletes the file it wrote).
+            ValueError: an unknown ``source``, or a file that is not where this spool keeps that instance.
+        """
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        found = instance.found
+        path = self.spool.instance_path(found.sop_instance_uid)
+        if Path(instance.path) != path:
+            raise ValueError("the instance was spooled elsewhere than this intake's spool")
+        if not self.catalog.loaded():
+            raise IntakeUnavailable("models are still loading; retry shortly")
+        results = [
+            AcceptResult(
+                False,
+                sop_instance_uid=found.sop_instance_uid,
+                sop_class_uid=found.sop_class_uid,
+                study_instance_uid=found.study_instance_uid,
+                series_instance_uid=found.series_instance_uid,
+            )
+        ]
+        existed = instance.previous is not None
+        try:
+            self.spool.adopt(instance.size, instance.previous)
+        except SpoolFull as exc:
+            if not existed:
+                self.spool.delete_uncounted(path)
+            results[0] = dataclasses.replace(
+                results[0], failure_reason=OUT_OF_RESOURCES, detail=exc.strerror or "spool full"
+            )
+        else:
+            # the other process flushed the folder after its rename
+            self._record([(0, found, path, existed, instance.size)], results, source, synced=True)
+        self._observe(
+            source, "duplicate" if results[0].duplicate else "accepted" if results[0].accepted else "refused"
+        )
+        return results[0]
+
+    def observe_refused(self, source: str) -> None:
+        """Counts an instance another process refused before it reached the intake (for the metrics)."""
+        self._observe(source, "refused")
 
     def accept_dataset(self, dataset: Dataset, source: str) -> AcceptResult:
         """Accepts a pydicom ``Dataset`` (encoded with ``dataset_bytes`` first); raises as ``accept_bytes``."""

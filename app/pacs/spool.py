@@ -9,6 +9,8 @@ survives a crash or power cut, and a crash during the write leaves no half-writt
 ``MEDSERVE_SPOOL_MAX_BYTES`` (0: no limit) bounds the received instances held: a write that would pass it, or
 one the disk refuses (ENOSPC, EDQUOT), raises ``SpoolFull`` with nothing left behind. The count is kept per
 process (started from what is on disk), so replicas sharing one folder each apply the limit to what they see.
+A helper process that writes received instances for the service (the DICOM node, ``app.pacs.dimse_node``)
+opens the folder with ``owner=False`` and ``receive``s into it; the service counts those files with ``adopt``.
 """
 
 from __future__ import annotations
@@ -46,9 +48,12 @@ class Spool:
     Args:
         root: the spool folder (created when missing).
         max_bytes: most bytes of received instances (0: no limit but the disk's).
+        owner: the service's own spool: temporary files left by a crash are removed and the instances' bytes
+            counted at start. A helper process writing for the service (``receive``) passes False: the
+            service's writes in progress are left alone, and the count is the service's (``adopt``).
     """
 
-    def __init__(self, root: Path, max_bytes: int = 0) -> None:
+    def __init__(self, root: Path, max_bytes: int = 0, *, owner: bool = True) -> None:
         self.root = root
         self.max_bytes = max_bytes
         self.instances = root / INSTANCES
@@ -60,7 +65,7 @@ class Spool:
         # The folders stay open: fsync of a folder is one system call, not open + fsync + close (each a release
         # and a re-take of the GIL, which costs most when the model's threads keep it busy).
         self._folder_fds: dict[Path, int] = {}
-        for folder in (self.instances, self.results):
+        for folder in (self.instances, self.results) if owner else ():
             for entry in os.scandir(folder):
                 if entry.name.endswith(_TEMPORARY_SUFFIX):  # a crash in the middle of a write
                     Path(entry.path).unlink(missing_ok=True)
@@ -119,27 +124,55 @@ class Spool:
             ValueError: an invalid UID.
         """
         target = self.instance_path(sop_instance_uid)
-        size = len(data)
+        previous = self._previous_size(target)
+        self.adopt(
+            len(data), previous
+        )  # counted before the write: concurrent writers cannot overshoot together
+        try:
+            self._write(target, data, sync_folder=sync_folder)
+        except BaseException:
+            with self._lock:
+                self._used -= len(data) - (previous or 0)
+            raise
+        return target, previous is not None
+
+    @staticmethod
+    def _previous_size(target: Path) -> int | None:
+        try:
+            return os.stat(target).st_size
+        except FileNotFoundError:
+            return None
+
+    def receive(self, sop_instance_uid: str, data: bytes) -> tuple[Path, int | None]:
+        """Writes a received instance durably (folder flushed too) for the service, which counts it (``adopt``):
+        nothing is counted or limited here but the disk. Returns the file and the size of the earlier copy it
+        replaced (None when there was none).
+
+        Raises:
+            SpoolFull: the disk is full; nothing was written.
+            ValueError: an invalid UID.
+        """
+        target = self.instance_path(sop_instance_uid)
+        previous = self._previous_size(target)
+        self._write(target, data)
+        return target, previous
+
+    def adopt(self, size: int, previous: int | None) -> None:
+        """Counts a received instance of ``size`` bytes (replacing one of ``previous`` bytes, or None) against
+        ``max_bytes``: before its own writes, and for the files a helper process ``receive``d.
+
+        Raises:
+            SpoolFull: it would pass ``max_bytes``; nothing was counted.
+        """
+        delta = size - (previous or 0)
         with self._lock:
-            try:
-                previous, existed = os.stat(target).st_size, True
-            except FileNotFoundError:
-                previous, existed = 0, False
-            if self.max_bytes and self._used - previous + size > self.max_bytes:
+            if self.max_bytes and self._used + delta > self.max_bytes:
                 raise SpoolFull(
                     errno.ENOSPC,
                     f"the spool holds {self._used} bytes; this instance ({size} bytes) would pass "
                     f"MEDSERVE_SPOOL_MAX_BYTES={self.max_bytes}",
                 )
-            # Counted before the write so that concurrent writers cannot overshoot the limit together.
-            self._used += size - previous
-        try:
-            self._write(target, data, sync_folder=sync_folder)
-        except BaseException:
-            with self._lock:
-                self._used -= size - previous
-            raise
-        return target, existed
+            self._used += delta
 
     def write_result(self, job_id: int, data: bytes) -> Path:
         """Writes a job's result durably (results do not count against ``max_bytes``).
@@ -188,3 +221,7 @@ class Spool:
         if path.parent == self.instances:
             with self._lock:
                 self._used = max(0, self._used - size)
+
+    def delete_uncounted(self, path: str | Path) -> None:
+        """Deletes a file ``receive``d that was never counted (its ``adopt`` refused it, or it never came)."""
+        Path(path).unlink(missing_ok=True)

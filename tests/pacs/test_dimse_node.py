@@ -12,14 +12,19 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pydicom
 import pytest
 
-from app.pacs.dimse import parse_allowed
+from app.pacs.dimse import MAX_PDU_BYTES, VERIFICATION, parse_allowed
 from app.pacs.dimse_node import DimseProcess, answer
-from app.pacs.intake import OUT_OF_RESOURCES, AcceptResult
+from app.pacs.intake import OUT_OF_RESOURCES, AcceptResult, Intake, ModelChoice, SpooledInstance
+from app.pacs.routing import Router
+from app.pacs.spool import Spool
+from app.pacs.store import JobStore
 from tests.deploy.helpers import free_port
-from tests.pacs.sources import ct_path
+from tests.pacs.sources import ct_path, dx_dataset, part10
 from tests.pacs.test_dimse import AE, RecordingIntake, echo, run, store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,3 +180,73 @@ def test_the_child_dies_with_a_killed_service(tmp_path: Path) -> None:
     )
     assert parent.returncode == -signal.SIGKILL, parent.stderr
     assert gone(int(parent.stdout.split()[0]))
+
+
+class CountingIntake(Intake):
+    """The service's intake, counting which way each C-STORE came in."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.by_bytes = 0
+        self.spooled = 0
+
+    def accept_bytes(
+        self, data: bytes, source: str, *, study_instance_uid: str | None = None
+    ) -> AcceptResult:
+        self.by_bytes += 1
+        return super().accept_bytes(data, source, study_instance_uid=study_instance_uid)
+
+    def accept_spooled(self, instance: SpooledInstance, source: str) -> AcceptResult:
+        self.spooled += 1
+        return super().accept_spooled(instance, source)
+
+
+def test_with_the_service_intake_the_child_checks_and_spools_each_instance(
+    dcmtk: dict[str, str], tmp_path: Path
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    jobs = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    observed: list[str] = []
+
+    class Catalog:
+        def loaded(self) -> bool:
+            return True
+
+        def choices(self) -> list[ModelChoice]:
+            return [ModelChoice("lungs", "v1", "segmentation", ready=True, has_result=True)]
+
+    intake = CountingIntake(
+        jobs, spool, Router(), Catalog(), on_accept=lambda _, outcome: observed.append(outcome)
+    )
+    server = node(intake)  # type: ignore[arg-type]
+    server.start()
+    try:
+        source = tmp_path / "dx.dcm"
+        dataset = dx_dataset(64)
+        source.write_bytes(part10(dataset))
+        done = store(dcmtk, server, [source, source])  # type: ignore[arg-type]
+        assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        server.stop()
+        jobs.close()
+    assert (intake.spooled, intake.by_bytes) == (2, 0)  # the child spooled; only the small message crossed
+    assert observed == ["accepted", "duplicate"] and (server.stored, server.refused) == (2, 0)
+    spooled = spool.instance_path(str(dataset.SOPInstanceUID))
+    assert pydicom.dcmread(spooled).SOPInstanceUID == dataset.SOPInstanceUID
+    assert spool.used_bytes == spooled.stat().st_size
+    assert sorted(p.name for p in spool.instances.iterdir()) == [spooled.name]  # no temporary file left
+
+
+def test_the_node_takes_large_pdus(started: tuple[DimseProcess, RecordingIntake]) -> None:
+    """The node announces ``MAX_PDU_BYTES`` as its maximum receive length (not pynetdicom's 16 kB)."""
+    from pynetdicom import AE as Client
+
+    server, _ = started
+    client = Client(ae_title="MODALITY")
+    client.add_requested_context(VERIFICATION)
+    association = client.associate("127.0.0.1", server.port, ae_title=AE)
+    try:
+        assert association.is_established
+        assert association.acceptor.maximum_length == MAX_PDU_BYTES
+    finally:
+        association.release()
