@@ -58,11 +58,17 @@ class ServingOptions:
 
 @dataclass(frozen=True)
 class ImageUpload:
-    """One uploaded image as it arrived: bytes, declared content type and (client) file name."""
+    """One uploaded image as it arrived: bytes, declared content type and (client) file name.
+
+    ``checked``: a DICOM instance the job system's intake accepted (``app.pacs.intake.inspect_instance``:
+    complete, no value of a length its VR cannot have), so decoding does not convert every element again to
+    find damage (that was most of a job's decoding time, holding the interpreter lock).
+    """
 
     data: bytes
     content_type: str | None = None
     filename: str | None = None
+    checked: bool = False
 
 
 @dataclass
@@ -203,6 +209,7 @@ def read_upload(upload: ImageUpload, *, max_pixels: int | None, intensity: str) 
             filename=upload.filename,
             max_pixels=max_pixels,
             intensity=intensity,
+            check_elements=not upload.checked,
         )
     except ImageError:
         raise

@@ -127,8 +127,15 @@ def _check_deflated(data: bytes, max_pixels: int | None) -> None:
         )
 
 
-def _read_dataset(data: bytes, *, stop_before_pixels: bool = False, max_pixels: int | None = None) -> Dataset:
-    """Parses DICOM Part 10 bytes (pixel data kept encoded). Raises ``ImageError`` for anything else."""
+def _read_dataset(
+    data: bytes,
+    *,
+    stop_before_pixels: bool = False,
+    max_pixels: int | None = None,
+    check_elements: bool = True,
+) -> Dataset:
+    """Parses DICOM Part 10 bytes (pixel data kept encoded), with every element converted unless
+    ``check_elements`` is False. Raises ``ImageError`` for anything else."""
     if len(data) < 132 or data[128:132] != b"DICM":
         raise ImageError(
             "the data is not a DICOM Part 10 file (no 'DICM' prefix after the 128-byte preamble)"
@@ -139,10 +146,11 @@ def _read_dataset(data: bytes, *, stop_before_pixels: bool = False, max_pixels: 
         # pydicom converts element values lazily, on first access; a damaged element (unknown VR, a length that
         # is not a multiple of the value size) would then raise wherever it is first read (in the pipeline, or
         # in the DICOM SEG writer). Convert every element now, so damage is found here and answered as 400.
-        for _element in ds.iterall():
-            pass
-        for _element in getattr(ds, "file_meta", Dataset()).iterall():
-            pass
+        if check_elements:
+            for _element in ds.iterall():
+                pass
+            for _element in getattr(ds, "file_meta", Dataset()).iterall():
+                pass
         return ds
     except InvalidDicomError as exc:
         raise ImageError("the data is not a valid DICOM file") from exc
@@ -338,7 +346,11 @@ def _grey_to_unit(
 
 
 def read_dicom(
-    data: bytes, max_pixels: int | None = None, *, intensity: str = DEFAULT_INTENSITY
+    data: bytes,
+    max_pixels: int | None = None,
+    *,
+    intensity: str = DEFAULT_INTENSITY,
+    check_elements: bool = True,
 ) -> DecodedImage:
     """Decodes a single-frame 2D DICOM image to a ``DecodedImage`` (pipeline in the module docstring).
 
@@ -346,6 +358,8 @@ def read_dicom(
         data: DICOM Part 10 bytes.
         max_pixels: largest allowed Rows * Columns, checked from the header before decoding; None = no limit.
         intensity: intensity policy name (``models.imageio.INTENSITY_POLICIES``).
+        check_elements: convert every element before decoding, so that a damaged one is an ``ImageError``
+            here; False for an instance checked before (the job system's intake checks each on arrival).
 
     Returns:
         pixels float32 (H, W, 1) for grey or (H, W, 3) for colour, in [0, 1], with the UIDs and the dataset.
@@ -356,7 +370,7 @@ def read_dicom(
             volumes or files without an image (422).
     """
     policy = resolve_intensity(intensity)
-    ds = _read_dataset(data, max_pixels=max_pixels)
+    ds = _read_dataset(data, max_pixels=max_pixels, check_elements=check_elements)
     rows, cols = _geometry(ds, max_pixels)  # before any pixel is decoded
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
         raise UnprocessableImageError("the DICOM file holds no pixel data")

@@ -159,6 +159,7 @@ def read_image(
     filename: str | None = None,
     max_pixels: int | None = None,
     intensity: str = DEFAULT_INTENSITY,
+    check_elements: bool = True,
 ) -> DecodedImage:
     """Decodes image bytes (PNG, JPEG, TIFF, BMP or DICOM) to a ``DecodedImage``.
 
@@ -172,6 +173,8 @@ def read_image(
         filename: the client's file name, if any (never logged).
         max_pixels: largest allowed height * width, or None for no limit.
         intensity: intensity policy name (``INTENSITY_POLICIES``; see ``resolve_intensity``).
+        check_elements: DICOM: convert every element first, so that a damaged one is found here (400) rather
+            than wherever it is read (``models.dicom.read_dicom``); False for an instance checked before.
 
     Returns:
         The decoded image, pixels float32 (H, W, C) in [0, 1].
@@ -185,7 +188,7 @@ def read_image(
     if not data:
         raise ImageError("the file is empty")
     if is_dicom(data) or looks_like_dicom(content_type, filename):
-        return dicom.read_dicom(data, max_pixels=max_pixels, intensity=policy)
+        return dicom.read_dicom(data, max_pixels=max_pixels, intensity=policy, check_elements=check_elements)
     try:
         # Image.open reads only the header. (No per-call warnings.catch_warnings: it swaps process-wide state and
         # races between server threads; max_pixels is checked here, and PIL itself refuses > 2x its own limit.)

@@ -381,8 +381,8 @@ class JobWorker:
 
     @staticmethod
     def _read_and_decode(runner: Runner[Any], path: str, **options: Any) -> Any:
-        # One hop into the pool for reading the spooled file and decoding it.
-        upload = ImageUpload(Path(path).read_bytes(), content_type="application/dicom")
+        # One hop into the pool for reading the spooled file and decoding it (checked by the intake on arrival).
+        upload = ImageUpload(Path(path).read_bytes(), content_type="application/dicom", checked=True)
         return runner.decode(upload, **options)
 
     async def _run_model(self, job: Claimed, handle: ModelHandle) -> ResultObject | None:
