@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 
@@ -166,9 +167,9 @@ def source_for_highdicom(dataset: Dataset) -> Dataset:
     copy.update(dataset)  # a new element dict (Dataset(ds) and copy.copy would share the source's)
     if hasattr(dataset, "file_meta"):
         copy.file_meta = dataset.file_meta
-    for element in list(copy):
-        if element.tag.group in PATIENT_GROUPS and element.keyword not in KEPT_PATIENT_KEYWORDS:
-            del copy[element.tag]
+    for tag in list(copy.keys()):  # by tag: iterating the elements would convert every value
+        if tag.group in PATIENT_GROUPS and keyword_for_tag(tag) not in KEPT_PATIENT_KEYWORDS:
+            del copy[tag]
     for keyword in DROPPED_STUDY_KEYWORDS:
         if keyword in copy:
             delattr(copy, keyword)

@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 
 from models.dicom_seg import DicomSegError, build_dicom_seg, safe_identifiers
 from models.imageio import read_image, read_image_file
-from tests.models.test_dicom import PATIENT_NAME, anatomy, make_dicom
+from tests.models.test_dicom import PATIENT_NAME, anatomy, make_dataset, make_dicom, to_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pydicom", "ignore::UserWarning:highdicom")
 
@@ -175,8 +175,13 @@ def test_a_projection_seg_carries_the_patient_orientation_a_ct_seg_does_not_need
     assert "PlaneOrientationSequence" in seg.SharedFunctionalGroupsSequence[0]
 
 
-def test_only_the_patient_and_study_attributes_the_iod_needs_are_copied():
-    image = read_image(make_dicom(anatomy(8, 8)))
+@pytest.mark.parametrize("checked", [True, False], ids=["converted", "as-read"])
+def test_only_the_patient_and_study_attributes_the_iod_needs_are_copied(checked: bool):
+    # as-read: the elements pydicom has not converted yet (a job's source, checked by the intake on arrival)
+    written = make_dataset(anatomy(8, 8))
+    written.PatientBirthDate = "19610203"  # kept (Type 2 of the Patient module)
+    written.EthnicGroup = "none of your business"
+    image = read_image(to_bytes(written), check_elements=checked)
     assert image.dicom is not None
     source = image.dicom.dataset
     source.PatientComments = "allergic to contrast"
@@ -186,7 +191,13 @@ def test_only_the_patient_and_study_attributes_the_iod_needs_are_copied():
     source.PatientIdentityRemoved = "NO"
     seg = pydicom.dcmread(io.BytesIO(build_dicom_seg(source, label_mask(8, 8) % 2, ["background", "x"])))
     assert str(seg.PatientName) == PATIENT_NAME and seg.PatientID == source.PatientID  # Type 2: required
-    assert seg.PatientIdentityRemoved == "NO"
-    for keyword in ("PatientComments", "OtherPatientIDsSequence", "PatientAge", "StudyDescription"):
+    assert seg.PatientIdentityRemoved == "NO" and seg.PatientBirthDate == "19610203"
+    for keyword in (
+        "PatientComments",
+        "OtherPatientIDsSequence",
+        "PatientAge",
+        "StudyDescription",
+        "EthnicGroup",
+    ):
         assert keyword not in seg, keyword
         assert keyword in source, keyword
