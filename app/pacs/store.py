@@ -55,6 +55,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    bindparam,
     create_engine,
     event,
     exists,
@@ -134,6 +135,46 @@ jobs = Table(
 
 class StoreError(Exception):
     """The job store cannot be opened or used; the message names the database (never its password)."""
+
+
+# Built once (see JobStore.__init__): the delivery path asks it before every attempt.
+_HELD = select(jobs.c.id).where(
+    jobs.c.id.in_(bindparam("ids", expanding=True)),
+    jobs.c.lease_owner == bindparam("owner"),
+    jobs.c.state.in_((RUNNING, DELIVERING)),
+)
+# claim's update of the jobs it takes to run
+_MARK_RUNNING = (
+    update(jobs)
+    .where(jobs.c.id.in_(bindparam("b_ids", expanding=True)))
+    .values(
+        state=RUNNING,
+        started_at=bindparam("b_now"),
+        runs=jobs.c.runs + 1,
+        lease_owner=bindparam("b_owner"),
+        lease_expires_at=bindparam("b_until"),
+    )
+)
+# settle's usual case, a result delivered (as the general case below; the parameters are not column names)
+_SETTLE_DONE = (
+    update(jobs)
+    .where(
+        jobs.c.id == bindparam("b_id"),
+        jobs.c.lease_owner == bindparam("b_owner"),
+        jobs.c.state.in_((RUNNING, DELIVERING)),
+    )
+    .values(
+        state=DONE,
+        attempts=bindparam("b_attempts"),
+        lease_owner=None,
+        lease_expires_at=None,
+        reason=None,
+        finished_at=bindparam("b_now"),
+        next_attempt_at=None,
+        result_sop_instance_uid=bindparam("b_uid"),
+        result_kind=bindparam("b_kind"),
+    )
+)
 
 
 def engine_url(url: str) -> str:
@@ -287,6 +328,12 @@ class JobStore:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
         self._create_tables(url)
+        # The intake's statements, built once and executed with parameters: building one per call (and its
+        # cache key) cost more of the interpreter lock than the database's own work.
+        self._insert_instance = self._insert(instances).returning(instances.c.id)
+        self._insert_job = self._insert(jobs)
+        self._insert_job_returning = self._insert(jobs).returning(jobs.c.id)
+        self._claim_queries: dict[tuple[tuple[str, str], ...], Any] = {}
 
     def _create_tables(self, url: str) -> None:
         for attempt in range(3):
@@ -378,19 +425,18 @@ class JobStore:
         self, db: Connection, instance: InstanceRecord, new_jobs: Sequence[NewJob], now: float
     ) -> Recorded:
         inserted = db.execute(
-            self._insert(instances)
-            .values(
-                sop_instance_uid=instance.sop_instance_uid,
-                study_instance_uid=instance.study_instance_uid,
-                series_instance_uid=instance.series_instance_uid,
-                sop_class_uid=instance.sop_class_uid,
-                transfer_syntax_uid=instance.transfer_syntax_uid,
-                spool_path=instance.spool_path,
-                size_bytes=instance.size_bytes,
-                source=instance.source,
-                received_at=now,
-            )
-            .returning(instances.c.id)
+            self._insert_instance,
+            {
+                "sop_instance_uid": instance.sop_instance_uid,
+                "study_instance_uid": instance.study_instance_uid,
+                "series_instance_uid": instance.series_instance_uid,
+                "sop_class_uid": instance.sop_class_uid,
+                "transfer_syntax_uid": instance.transfer_syntax_uid,
+                "spool_path": instance.spool_path,
+                "size_bytes": instance.size_bytes,
+                "source": instance.source,
+                "received_at": now,
+            },
         ).first()
         if inserted is not None:
             # A new instance has no jobs yet: its jobs' ids come back from their inserts (fewer statements,
@@ -398,9 +444,7 @@ class JobStore:
             ids = []
             for job in new_jobs:
                 made = db.execute(
-                    self._insert(jobs)
-                    .values(**self._job_values(inserted.id, instance, job, now))
-                    .returning(jobs.c.id)
+                    self._insert_job_returning, self._job_values(inserted.id, instance, job, now)
                 ).first()
                 if made is not None:
                     ids.append(int(made.id))
@@ -418,7 +462,7 @@ class JobStore:
             )
         before = db.execute(select(func.count()).where(jobs.c.instance_id == row.id)).scalar_one()
         for job in new_jobs:
-            db.execute(self._insert(jobs).values(**self._job_values(row.id, instance, job, now)))
+            db.execute(self._insert_job, self._job_values(row.id, instance, job, now))
         ids = list(
             db.execute(select(jobs.c.id).where(jobs.c.instance_id == row.id).order_by(jobs.c.id)).scalars()
         )
@@ -450,30 +494,12 @@ class JobStore:
         oldest first."""
         if limit <= 0 or not models:
             return []
-        served = or_(*(and_(jobs.c.model == name, jobs.c.model_version == v) for name, v in models.items()))
+        query = self._claim_query(tuple(sorted(models.items())))
         now = self.clock()
-        due = or_(jobs.c.next_attempt_at.is_(None), jobs.c.next_attempt_at <= now)
-        free = or_(jobs.c.lease_owner.is_(None), jobs.c.lease_expires_at < now)
-        wanted = and_(
-            served,
-            or_(
-                and_(jobs.c.state == QUEUED, due),
-                and_(jobs.c.state == RUNNING, jobs.c.lease_expires_at < now),
-                and_(jobs.c.state == DELIVERING, due, free),
-            ),
-        )
-        query = (
-            select(jobs, instances.c.spool_path)
-            .join(instances, instances.c.id == jobs.c.instance_id)
-            .where(wanted)
-            .order_by(jobs.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True, of=jobs)
-        )
         claimed: list[Claimed] = []
         lease = {"lease_owner": owner, "lease_expires_at": now + lease_s}
         with self._begin(durable=False) as db:
-            rows = db.execute(query).all()
+            rows = db.execute(query, {"b_now": now, "b_limit": limit}).all()
             to_run, to_deliver = [], []
             for row in rows:
                 if row.state == DELIVERING:
@@ -515,13 +541,41 @@ class JobStore:
             # One statement per kind for all the jobs taken (marked running in the claim itself).
             if to_run:
                 db.execute(
-                    update(jobs)
-                    .where(jobs.c.id.in_(to_run))
-                    .values(state=RUNNING, started_at=now, runs=jobs.c.runs + 1, **lease)
+                    _MARK_RUNNING, {"b_ids": to_run, "b_now": now, "b_owner": owner, "b_until": now + lease_s}
                 )
             if to_deliver:
                 db.execute(update(jobs).where(jobs.c.id.in_(to_deliver)).values(**lease))
         return claimed
+
+    def _claim_query(self, models: tuple[tuple[str, str], ...]) -> Any:
+        """The claim's query for these (model, version) pairs, built once per set (parameters ``b_now``,
+        ``b_limit``)."""
+        query = self._claim_queries.get(models)
+        if query is None:
+            now: Any = bindparam("b_now")
+            served = or_(*(and_(jobs.c.model == name, jobs.c.model_version == v) for name, v in models))
+            due = or_(jobs.c.next_attempt_at.is_(None), jobs.c.next_attempt_at <= now)
+            free = or_(jobs.c.lease_owner.is_(None), jobs.c.lease_expires_at < now)
+            wanted = and_(
+                served,
+                or_(
+                    and_(jobs.c.state == QUEUED, due),
+                    and_(jobs.c.state == RUNNING, jobs.c.lease_expires_at < now),
+                    and_(jobs.c.state == DELIVERING, due, free),
+                ),
+            )
+            query = (
+                select(jobs, instances.c.spool_path)
+                .join(instances, instances.c.id == jobs.c.instance_id)
+                .where(wanted)
+                .order_by(jobs.c.id)
+                .limit(bindparam("b_limit"))
+                .with_for_update(skip_locked=True, of=jobs)
+            )
+            if len(self._claim_queries) > 64:  # model sets change only with the model directory
+                self._claim_queries.clear()
+            self._claim_queries[models] = query
+        return query
 
     def heartbeat(self, owner: str, lease_s: float) -> int:
         """Renews the leases of ``owner``'s jobs; returns how many it holds."""
@@ -625,13 +679,8 @@ class JobStore:
         cancelled or taken over meanwhile. A read: no commit."""
         if not job_ids:
             return set()
-        query = select(jobs.c.id).where(
-            jobs.c.id.in_(list(job_ids)),
-            jobs.c.lease_owner == owner,
-            jobs.c.state.in_((RUNNING, DELIVERING)),
-        )
         with self._read() as db:
-            return set(db.execute(query).scalars())
+            return set(db.execute(_HELD, {"ids": list(job_ids), "owner": owner}).scalars())
 
     def settle(self, owner: str, outcomes: Sequence[Settled]) -> set[int]:
         """Records the delivery attempts of several jobs in one transaction (one commit for a group of results
@@ -644,6 +693,21 @@ class JobStore:
         updated: set[int] = set()
         with self._begin(durable=False) as db:
             for entry in outcomes:
+                if entry.outcome == DONE_OUTCOME and entry.result_sop_instance_uid is not None:
+                    done = db.execute(
+                        _SETTLE_DONE,
+                        {
+                            "b_id": entry.job_id,
+                            "b_owner": owner,
+                            "b_attempts": entry.attempts,
+                            "b_now": now,
+                            "b_uid": entry.result_sop_instance_uid,
+                            "b_kind": entry.result_kind,
+                        },
+                    )
+                    if int(done.rowcount) == 1:
+                        updated.add(entry.job_id)
+                    continue
                 values: dict[str, Any] = {
                     "attempts": entry.attempts,
                     "lease_owner": None,
