@@ -302,6 +302,16 @@ def http_throughput(base: str, bodies: list[bytes], concurrency: int, query: str
     }
 
 
+def model_choices(base: str) -> tuple[Any, Any]:
+    """The runtime and the largest batch the service chose for the model at load (``GET /models``): a run's speed
+    depends on both."""
+    with httpx.Client(timeout=30.0) as client:
+        model = client.get(f"{base}/models").json()["models"][0]
+    return model.get("runtime"), (model.get("batch_autotune") or {}).get(
+        "chosen", model.get("max_batch_size")
+    )
+
+
 def model_version(base: str) -> str:
     with httpx.Client(timeout=30.0) as client:
         jobs = client.get(f"{base}/jobs", params={"limit": 1}).json()["jobs"]
@@ -440,6 +450,7 @@ def print_table(report: dict[str, Any]) -> None:
     print(
         f"\nPACS throughput ({report['instances']} instances of {report['size']}x{report['size']}, model {report['model']})"
     )
+    print(f"runtime chosen at load: {report['runtime']['chosen']}; largest batch: {report['max_batch']}")
     print(
         f"{'path':<28}{'in/s':>9}{'jobs/s':>9}{'p50 s':>9}{'p95 s':>9}{'cpu ms':>9}{'in kids':>9}{'orthanc':>9}{'batch':>7}"
     )
@@ -518,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
             env["MEDSERVE_TORCH_THREADS"] = str(args.torch_threads)
         service = Service(model_dir, workdir / "medserve.log", env)
         asyncio.run(service.wait_ready())
+        runtime, max_batch = model_choices(service.base)
         maker = Instances(args.size)
         http_bodies = [data for _, data in maker.make(args.instances)]
         http = []
@@ -555,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
             **environment(torch.device("cpu")),
             "cpus": os.cpu_count(),
             "model": f"unet {args.channels} tile {args.tile}",
+            "runtime": runtime,
+            "max_batch": max_batch,
             "instances": args.instances,
             "size": args.size,
             "per_request": args.per_request,

@@ -136,6 +136,15 @@ def test_jobs_of_other_models_or_versions_are_left_alone(store: JobStore) -> Non
     assert [job.model for job in store.claim("a", {"x": "v1"}, 10, lease_s=60)] == ["x"]
 
 
+def test_the_claim_query_built_once_still_takes_its_limit_versions_and_time(store: JobStore) -> None:
+    ids = [store.record(record(f"5.5.{i}"), [NewJob("m", "v1", "segmentation")]).job_ids[0] for i in range(3)]
+    assert [job.id for job in store.claim("a", MODELS, 1, lease_s=0.05)] == ids[:1]
+    assert [job.id for job in store.claim("a", MODELS, 1, lease_s=0.05)] == ids[1:2]  # the same query again
+    assert store.claim("a", {"m": "v2"}, 10, lease_s=60) == []  # another version: another query
+    time.sleep(0.1)  # the first two leases expire: a later time, the same query
+    assert sorted(job.id for job in store.claim("b", MODELS, 10, lease_s=60)) == ids
+
+
 def test_spool_clean_up_forgets_many_files_in_one_call_but_not_a_respooled_one(store: JobStore) -> None:
     ids = [store.record(record(f"6.{i}"), [NewJob("m", "v1", "segmentation")]).job_ids[0] for i in range(3)]
     claimed = store.claim("a", MODELS, 10, lease_s=60)
