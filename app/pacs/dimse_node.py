@@ -60,6 +60,7 @@ from app.pacs.intake import (
     IntakeUnavailable,
     SpooledInstance,
     inspect_instance,
+    not_yet_accepted,
 )
 from app.pacs.spool import Spool, SpoolFull
 from app.settings import Settings, env_name
@@ -102,18 +103,22 @@ REFUSED = b"R"  # an AcceptResult (JSON) of an instance the child refused: count
 # ---- the service's side -------------------------------------------------------------------------------------------
 
 
-def answer(intake: IntakeLike | None, data: bytes) -> dict[str, Any]:
-    """The intake's outcome for one instance, as the child reads it."""
-    if intake is None:
-        return {"unavailable": NOT_READY}
+def _outcome(accept: Callable[[], AcceptResult]) -> dict[str, Any]:
     try:
-        result = intake.accept_bytes(data, SOURCE)
+        result = accept()
     except IntakeUnavailable as exc:
         return {"unavailable": str(exc)}
     except Exception:
         logger.exception("C-STORE: the intake failed")
         return {"error": "the intake failed"}
     return {"result": dataclasses.asdict(result)}
+
+
+def answer(intake: IntakeLike | None, data: bytes) -> dict[str, Any]:
+    """The intake's outcome for one instance, as the child reads it."""
+    if intake is None:
+        return {"unavailable": NOT_READY}
+    return _outcome(lambda: intake.accept_bytes(data, SOURCE))
 
 
 def answer_spooled(intake: IntakeLike | None, payload: dict[str, Any]) -> dict[str, Any]:
@@ -121,14 +126,7 @@ def answer_spooled(intake: IntakeLike | None, payload: dict[str, Any]) -> dict[s
     recorded (the child deletes the file it wrote)."""
     if not isinstance(intake, Intake):
         return {"unavailable": NOT_READY}
-    try:
-        result = intake.accept_spooled(SpooledInstance.from_json(payload), SOURCE)
-    except IntakeUnavailable as exc:
-        return {"unavailable": str(exc)}
-    except Exception:
-        logger.exception("C-STORE: the intake failed")
-        return {"error": "the intake failed"}
-    return {"result": dataclasses.asdict(result)}
+    return _outcome(lambda: intake.accept_spooled(SpooledInstance.from_json(payload), SOURCE))
 
 
 def answer_message(intake: IntakeLike | None, message: bytes) -> dict[str, Any]:
@@ -409,13 +407,7 @@ class BridgedIntake:
             found = inspect_instance(data)
         except InstanceError as exc:
             return self._refused(AcceptResult(False, failure_reason=exc.status, detail=str(exc)))
-        ids = AcceptResult(
-            False,
-            sop_instance_uid=found.sop_instance_uid,
-            sop_class_uid=found.sop_class_uid,
-            study_instance_uid=found.study_instance_uid,
-            series_instance_uid=found.series_instance_uid,
-        )
+        ids = not_yet_accepted(found)
         try:
             path, previous = spool.receive(found.sop_instance_uid, data)
         except SpoolFull as exc:

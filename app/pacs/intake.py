@@ -129,6 +129,17 @@ class Inspected:
     attributes: InstanceAttributes
 
 
+def not_yet_accepted(found: Inspected) -> AcceptResult:
+    """The outcome of an inspected instance before it is spooled and recorded: its UIDs, not accepted."""
+    return AcceptResult(
+        False,
+        sop_instance_uid=found.sop_instance_uid,
+        sop_class_uid=found.sop_class_uid,
+        study_instance_uid=found.study_instance_uid,
+        series_instance_uid=found.series_instance_uid,
+    )
+
+
 class InstanceError(ValueError):
     """An instance that cannot be accepted; ``status`` is the DICOM failure reason."""
 
@@ -428,13 +439,7 @@ class Intake:
             except InstanceError as exc:
                 results.append(AcceptResult(False, failure_reason=exc.status, detail=str(exc)))
                 continue
-            ids = AcceptResult(
-                False,
-                sop_instance_uid=found.sop_instance_uid,
-                sop_class_uid=found.sop_class_uid,
-                study_instance_uid=found.study_instance_uid,
-                series_instance_uid=found.series_instance_uid,
-            )
+            ids = not_yet_accepted(found)
             results.append(ids)
             if study_instance_uid is not None and found.study_instance_uid != study_instance_uid:
                 results[-1] = dataclasses.replace(
@@ -531,15 +536,7 @@ class Intake:
             raise ValueError("the instance was spooled elsewhere than this intake's spool")
         if not self.catalog.loaded():
             raise IntakeUnavailable("models are still loading; retry shortly")
-        results = [
-            AcceptResult(
-                False,
-                sop_instance_uid=found.sop_instance_uid,
-                sop_class_uid=found.sop_class_uid,
-                study_instance_uid=found.study_instance_uid,
-                series_instance_uid=found.series_instance_uid,
-            )
-        ]
+        results = [not_yet_accepted(found)]
         existed = instance.previous is not None
         try:
             self.spool.adopt(instance.size, instance.previous)
