@@ -125,9 +125,8 @@ class Spool:
         """
         target = self.instance_path(sop_instance_uid)
         previous = self._previous_size(target)
-        self.adopt(
-            len(data), previous
-        )  # counted before the write: concurrent writers cannot overshoot together
+        # counted before the write: concurrent writers cannot overshoot the limit together
+        self.adopt(len(data), previous)
         try:
             self._write(target, data, sync_folder=sync_folder)
         except BaseException:
