@@ -404,6 +404,11 @@ class Intake:
             except Exception:
                 logger.exception("intake observer failed")
 
+    def _observe_result(self, source: str, result: AcceptResult) -> None:
+        self._observe(
+            source, "duplicate" if result.duplicate else "accepted" if result.accepted else "refused"
+        )
+
     def accept_bytes(
         self, data: bytes, source: str, *, study_instance_uid: str | None = None
     ) -> AcceptResult:
@@ -468,8 +473,7 @@ class Intake:
         if pending:
             self._record(pending, results, source)
         for result in results:
-            outcome = "duplicate" if result.duplicate else "accepted" if result.accepted else "refused"
-            self._observe(source, outcome)
+            self._observe_result(source, result)
         return results
 
     def _record(
@@ -549,9 +553,7 @@ class Intake:
         else:
             # the other process flushed the folder after its rename
             self._record([(0, found, path, existed, instance.size)], results, source, synced=True)
-        self._observe(
-            source, "duplicate" if results[0].duplicate else "accepted" if results[0].accepted else "refused"
-        )
+        self._observe_result(source, results[0])
         return results[0]
 
     def observe_refused(self, source: str) -> None:
